@@ -1,0 +1,3 @@
+from evoray.cli import main
+
+raise SystemExit(main())
