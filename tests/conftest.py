@@ -1,0 +1,57 @@
+"""Shared fixtures: tiny offline models built once per test session.
+
+The hub is switched off for the whole run: tests must never depend on the network, and a
+stray download attempt should fail fast instead of hanging on a timeout.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+
+from pathlib import Path
+
+import pytest
+
+from tests.factories import make_tiny_model
+
+N_FINETUNES = 3
+
+
+@pytest.fixture(scope="session")
+def tiny_models_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Session folder holding the shared tiny models (treat everything in it as read-only)."""
+    return tmp_path_factory.mktemp("tiny_models")
+
+
+@pytest.fixture(scope="session")
+def tiny_base(tiny_models_dir: Path) -> Path:
+    """A tiny llama (hidden 32, 2 layers, vocab 64) saved with tokenizer; seed 0."""
+    return make_tiny_model(tiny_models_dir / "base", arch="llama", seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_finetunes(tiny_models_dir: Path, tiny_base: Path) -> list[Path]:
+    """Three "fine-tunes" of ``tiny_base``: two SGD steps plus small seeded noise (seeds 1-3)."""
+    return [
+        make_tiny_model(
+            tiny_models_dir / f"finetune{i}", base=tiny_base, seed=i, steps=2, noise=0.01
+        )
+        for i in range(1, N_FINETUNES + 1)
+    ]
+
+
+@pytest.fixture(scope="session")
+def tiny_gpt2(tiny_models_dir: Path) -> Path:
+    """A tiny GPT-2 (tied input/output embeddings): a second architecture for layout tests."""
+    return make_tiny_model(tiny_models_dir / "gpt2", arch="gpt2", seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_bert(tiny_models_dir: Path) -> Path:
+    """A tiny BERT masked LM: an encoder-only architecture."""
+    return make_tiny_model(tiny_models_dir / "bert", arch="bert", seed=0)
