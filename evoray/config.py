@@ -1,0 +1,298 @@
+"""Merge configs in mergekit's YAML format.
+
+Users arrive with mergekit configs, so we read that format as is (``merge_method``, ``base_model``,
+``models[].parameters``, ``parameters``, ``dtype``, ``out_dtype``, ``tokenizer_source``) and
+evaluate parameters exactly as mergekit does: a number, a gradient (a list of numbers interpolated
+over the layers), or a list of ``{filter, value}`` conditions matched against the tensor name.
+Anything we do not implement is an error, never silently ignored (mergekit itself ignores
+unknown top-level keys, which hides typos such as ``paramters``).
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+from evoray.errors import ConfigError
+
+SUPPORTED_KEYS = {
+    "merge_method": "the merge method name, e.g. ties",
+    "base_model": "the model the task vectors are taken from",
+    "models": "the models to merge, each {model: ..., parameters: {...}}",
+    "parameters": "global parameters (defaults for every model)",
+    "dtype": "dtype the inputs are rounded to before merging",
+    "out_dtype": "dtype of the saved model (default: dtype, else the base model's)",
+    "tokenizer_source": "'base' or a model whose tokenizer is copied",
+    "chat_template": "a chat template string stored in the tokenizer config",
+    "name": "a name for the merged model (used in its model card)",
+}
+# Keys mergekit knows that evoray does not implement; each gets its own explanation.
+UNSUPPORTED_KEYS = {
+    "slices": "layer slicing (frankenmerges) is not supported; list whole models under 'models'",
+    "modules": "multi-module merges are not supported; list whole models under 'models'",
+    "tokenizer": "the 'tokenizer' block (added tokens, embedding permutation) is not supported; "
+    "use tokenizer_source: base or a model reference",
+}
+DTYPES = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+    "half": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+}
+
+Setting = Any  # number | bool | str | list[number] | list[{filter, value}] | {filter, value}
+
+
+def parse_dtype(value: str | None, *, field_name: str) -> torch.dtype | None:
+    """Map a config dtype string to torch, naming the field on error."""
+    if value is None:
+        return None
+    try:
+        return DTYPES[str(value).lower()]
+    except KeyError:
+        raise ConfigError(
+            f"{field_name}: unknown dtype {value!r}; use one of float32, float16, bfloat16"
+        ) from None
+
+
+def evaluate_setting(setting: Setting, tensor_name: str, t: float) -> Any:
+    """Value of one parameter setting for one tensor at layer position ``t`` in [0, 1].
+
+    Mirrors mergekit's ``evaluate_setting``: a numeric list is a gradient interpolated linearly
+    over ``t``; a list of non-numeric scalars is indexed; a list of conditions returns the first
+    whose ``filter`` is missing, ``*``, or a substring of the tensor name (None if none match).
+    """
+    if isinstance(setting, bool | int | float | str):
+        return setting
+    if isinstance(setting, Mapping):
+        setting = [setting]
+    if isinstance(setting, list):
+        if setting and all(isinstance(e, int | float) and not isinstance(e, bool) for e in setting):
+            scaled = t * (len(setting) - 1)
+            i0 = int(scaled)
+            i1 = min(len(setting) - 1, i0 + 1)
+            frac = scaled - i0
+            return (1 - frac) * setting[i0] + frac * setting[i1]
+        if setting and all(isinstance(e, bool | int | float | str) for e in setting):
+            return setting[int(t * (len(setting) - 1))]
+        for cond in setting:
+            flt = cond.get("filter")
+            if flt is None or flt == "*" or (tensor_name and flt in tensor_name):
+                return evaluate_setting(cond["value"], tensor_name, t)
+        return None
+    raise ConfigError(f"unexpected parameter value {setting!r}")
+
+
+def _check_setting(setting: Setting, where: str) -> None:
+    """Reject malformed settings at load time so errors name the config field, not a tensor."""
+    if isinstance(setting, bool | int | float | str):
+        if isinstance(setting, float) and not math.isfinite(setting):
+            raise ConfigError(f"{where}: value must be finite, got {setting}")
+        return
+    if isinstance(setting, Mapping):
+        setting = [setting]
+    if isinstance(setting, list) and setting:
+        if all(isinstance(e, bool | int | float | str) for e in setting):
+            for e in setting:
+                _check_setting(e, where)
+            return
+        for i, cond in enumerate(setting):
+            if not isinstance(cond, Mapping) or "value" not in cond:
+                raise ConfigError(
+                    f"{where}[{i}]: expected a number, a list of numbers (gradient) or "
+                    f"{{filter: ..., value: ...}} conditions, got {cond!r}"
+                )
+            extra = set(cond) - {"filter", "value"}
+            if extra:
+                raise ConfigError(f"{where}[{i}]: unknown keys {sorted(extra)}; use filter, value")
+            _check_setting(cond["value"], f"{where}[{i}].value")
+        return
+    raise ConfigError(
+        f"{where}: expected a number, a list of numbers (gradient) or {{filter, value}} "
+        f"conditions, got {setting!r}"
+    )
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """One entry of ``models:``: a model reference and its own parameters."""
+
+    model: str
+    parameters: dict[str, Setting] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class MergeConfig:
+    """A validated mergekit-style merge config."""
+
+    merge_method: str
+    models: tuple[ModelSpec, ...]
+    base_model: str | None = None
+    parameters: dict[str, Setting] = field(default_factory=dict)
+    dtype: torch.dtype | None = None
+    out_dtype: torch.dtype | None = None
+    tokenizer_source: str | None = None
+    chat_template: str | None = None
+    name: str | None = None
+    source: str = "<config>"
+    raw: dict[str, Any] = field(default_factory=dict, compare=False)
+
+    @classmethod
+    def from_yaml(cls, path: str | Path) -> MergeConfig:
+        """Read and validate a YAML config; relative model paths resolve against its folder."""
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} not found")
+        try:
+            data = yaml.safe_load(path.read_text())
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+        return cls.from_dict(data, source=str(path), root=path.parent)
+
+    @classmethod
+    def from_dict(
+        cls, data: Any, *, source: str = "<config>", root: Path | None = None
+    ) -> MergeConfig:
+        """Validate a parsed config; every error names ``source`` and the offending field."""
+        if not isinstance(data, Mapping):
+            raise ConfigError(f"{source}: expected a mapping at the top level, got {data!r}")
+        for key in data:
+            if key in UNSUPPORTED_KEYS:
+                raise ConfigError(f"{source}: '{key}': {UNSUPPORTED_KEYS[key]}")
+            if key not in SUPPORTED_KEYS:
+                hint = difflib.get_close_matches(str(key), SUPPORTED_KEYS, n=1)
+                did = f" (did you mean '{hint[0]}'?)" if hint else ""
+                raise ConfigError(
+                    f"{source}: unknown key '{key}'{did}; supported keys: "
+                    + ", ".join(SUPPORTED_KEYS)
+                )
+        if "merge_method" not in data:
+            raise ConfigError(f"{source}: 'merge_method' is required")
+        method = str(data["merge_method"])
+
+        def ref(value: Any, where: str) -> str:
+            if not isinstance(value, str) or not value.strip():
+                raise ConfigError(f"{source}: {where}: expected a model path or hub id string")
+            return _resolve_ref(value, root)
+
+        models_raw = data.get("models")
+        if not isinstance(models_raw, list) or not models_raw:
+            raise ConfigError(f"{source}: 'models' must be a non-empty list of {{model: ...}}")
+        models = []
+        for i, entry in enumerate(models_raw):
+            where = f"models[{i}]"
+            if isinstance(entry, str):
+                entry = {"model": entry}
+            if not isinstance(entry, Mapping) or "model" not in entry:
+                raise ConfigError(f"{source}: {where}: expected {{model: ..., parameters: ...}}")
+            extra = set(entry) - {"model", "parameters"}
+            if extra:
+                raise ConfigError(
+                    f"{source}: {where}: unknown keys {sorted(extra)}; use model, parameters"
+                )
+            params = _check_parameters(entry.get("parameters"), f"{source}: {where}.parameters")
+            models.append(ModelSpec(ref(entry["model"], f"{where}.model"), params))
+        base = data.get("base_model")
+        tok = data.get("tokenizer_source")
+        if tok == "union":
+            raise ConfigError(
+                f"{source}: tokenizer_source: 'union' (merging vocabularies) is not supported; "
+                "use 'base' or a model reference"
+            )
+        return cls(
+            merge_method=method,
+            models=tuple(models),
+            base_model=ref(base, "base_model") if base is not None else None,
+            parameters=_check_parameters(data.get("parameters"), f"{source}: parameters"),
+            dtype=parse_dtype(data.get("dtype"), field_name=f"{source}: dtype"),
+            out_dtype=parse_dtype(data.get("out_dtype"), field_name=f"{source}: out_dtype"),
+            tokenizer_source=(
+                None if tok is None else tok if tok == "base" else ref(tok, "tokenizer_source")
+            ),
+            chat_template=data.get("chat_template"),
+            name=data.get("name"),
+            source=source,
+            raw=dict(data),
+        )
+
+    def model_parameter(self, name: str, model_index: int, tensor_name: str, t: float) -> Any:
+        """Resolve a parameter for one model and tensor: the model's own, then global."""
+        for settings in (self.models[model_index].parameters, self.parameters):
+            if name in settings:
+                value = evaluate_setting(settings[name], tensor_name, t)
+                if value is not None:
+                    return value
+        return None
+
+    def global_parameter(self, name: str, tensor_name: str, t: float) -> Any:
+        """Resolve a global parameter for one tensor."""
+        if name in self.parameters:
+            return evaluate_setting(self.parameters[name], tensor_name, t)
+        return None
+
+    def to_yaml(self) -> str:
+        """The config as the user wrote it, for the model card."""
+        return yaml.safe_dump(self.raw, sort_keys=False).rstrip()
+
+
+def _check_parameters(params: Any, where: str) -> dict[str, Setting]:
+    if params is None:
+        return {}
+    if not isinstance(params, Mapping):
+        raise ConfigError(f"{where}: expected a mapping of parameter names to values")
+    for key, value in params.items():
+        _check_setting(value, f"{where}.{key}")
+    return dict(params)
+
+
+def _resolve_ref(value: str, root: Path | None) -> str:
+    """Relative local paths in a config are relative to the config file, like mergekit."""
+    if root is None or value.startswith(("/", "~")):
+        return value
+    candidate = root / value
+    return str(candidate) if candidate.exists() else value
+
+
+_LAYER_RE = re.compile(r"(?:^|\.)(?:layers|layer|h|blocks|block)\.(\d+)\.")
+_PRE_RE = re.compile(r"embed|wte|wpe|word_embeddings|position_embeddings|token_type")
+NUM_LAYER_KEYS = ("num_hidden_layers", "n_layer", "num_layers", "n_layers")
+
+
+def layer_index(tensor_name: str) -> int | None:
+    """Index of the transformer block a tensor belongs to, or None for embeddings and heads."""
+    m = _LAYER_RE.search(tensor_name)
+    return int(m.group(1)) if m else None
+
+
+def num_layers(config: Mapping[str, Any] | None, tensor_names: list[str]) -> int:
+    """Layer count from the HF config, else from the tensor names."""
+    for key in NUM_LAYER_KEYS:
+        if config and isinstance(config.get(key), int):
+            return config[key]
+    indices = [i for i in map(layer_index, tensor_names) if i is not None]
+    return max(indices) + 1 if indices else 0
+
+
+def tensor_position(tensor_name: str, n_layers: int) -> float:
+    """Gradient position ``t`` of a tensor, as mergekit assigns it.
+
+    Embeddings (before the first block) get 0, block ``i`` of ``n`` gets ``i / (n - 1)``
+    (1 when there is a single block), everything after the blocks (final norm, heads) gets 1.
+    """
+    idx = layer_index(tensor_name)
+    if idx is None:
+        return 0.0 if _PRE_RE.search(tensor_name) else 1.0
+    if n_layers <= 1:
+        return 1.0
+    return min(idx, n_layers - 1) / (n_layers - 1)
