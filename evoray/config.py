@@ -226,9 +226,15 @@ class MergeConfig:
             raw=dict(data),
         )
 
-    def model_parameter(self, name: str, model_index: int, tensor_name: str, t: float) -> Any:
-        """Resolve a parameter for one model and tensor: the model's own, then global."""
-        for settings in (self.models[model_index].parameters, self.parameters):
+    def model_parameter(
+        self, name: str, model_index: int, tensor_name: str, t: float, *, fallback: bool = True
+    ) -> Any:
+        """Resolve a parameter for one model and tensor: the model's own, then (with
+        ``fallback``) the global one, as mergekit does."""
+        sources = [self.models[model_index].parameters]
+        if fallback:
+            sources.append(self.parameters)
+        for settings in sources:
             if name in settings:
                 value = evaluate_setting(settings[name], tensor_name, t)
                 if value is not None:

@@ -54,10 +54,14 @@ class FlatWeights:
 
     def __post_init__(self) -> None:
         expected = _numpy_dtype(self.layout.storage_dtype)
-        if self.data.ndim != 1 or self.data.dtype != expected or self.data.size != self.layout.numel:
+        if (
+            self.data.ndim != 1
+            or self.data.dtype != expected
+            or self.data.size != self.layout.numel
+        ):
             raise LayoutError(
-                f"flat buffer has shape {self.data.shape} and dtype {self.data.dtype}; the layout of "
-                f"{self.layout.source} needs ({self.layout.numel},) {np.dtype(expected)}"
+                f"flat buffer has shape {self.data.shape} and dtype {self.data.dtype}; the "
+                f"layout of {self.layout.source} needs ({self.layout.numel},) {np.dtype(expected)}"
             )
 
     @classmethod

@@ -1,0 +1,262 @@
+"""Run a merge config: stream tensors from checkpoints through a merge method into an HF folder.
+
+Memory stays near one tensor per input (plus the output shard being filled), never N whole
+models: each output tensor is produced from the inputs' copies of that one tensor, written, and
+dropped before the next is read. Everything that can be checked without reading weights
+(method, parameters, architectures, tensor names and shapes) is checked before the first read,
+so a bad config fails in seconds rather than half-way through a multi-GB merge.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from evoray.checkpoint import Checkpoint, open_checkpoint
+from evoray.config import MergeConfig, num_layers, tensor_position
+from evoray.errors import CheckpointError, ConfigError
+from evoray.export import ModelFolderWriter
+from evoray.layout import Layout, check_same_architecture
+from evoray.merge import MergeMethod, get_method
+
+log = logging.getLogger(__name__)
+DEFAULT_SHARD_BYTES = 5 * 2**30
+
+
+@dataclass
+class MergePlan:
+    """A validated merge: the method, opened checkpoints and the shared layout."""
+
+    config: MergeConfig
+    method: MergeMethod
+    base: Checkpoint | None
+    models: list[Checkpoint]  # the inputs passed to the method (the base excluded if it needs one)
+    model_indices: list[int]  # index of each input in config.models (for its parameters)
+    reference: Checkpoint  # config, tokenizer and non-float tensors come from here
+    layout: Layout
+    n_layers: int
+    out_dtype: torch.dtype
+    seed: int = 0
+
+    def parameters(self, tensor_name: str) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+        """Per-model and global parameter values for one tensor (gradients and filters applied)."""
+        t = tensor_position(tensor_name, self.n_layers)
+        model_params: list[dict[str, Any]] = [{} for _ in self.models]
+        params: dict[str, Any] = {}
+        for p in self.method.params:
+            # Global values go to the method as defaults, so it validates them even where
+            # every model overrides them (a typo there should not pass silently).
+            value = self.config.global_parameter(p.name, tensor_name, t)
+            if value is not None:
+                params[p.name] = value
+            if p.per_model:
+                for j, i in enumerate(self.model_indices):
+                    value = self.config.model_parameter(p.name, i, tensor_name, t, fallback=False)
+                    if value is not None:
+                        model_params[j][p.name] = value
+        return model_params, params
+
+    def merge_tensor(self, name: str) -> torch.Tensor:
+        """Read one tensor from every input, merge it, return it in the output dtype."""
+        model_params, params = self.parameters(name)
+        base = self._read(self.base, name) if self.base is not None else None
+        tensors = [self._read(c, name) for c in self.models]
+        out = self.method.merge(
+            tensors, base, model_params, params, seed=self.seed, tensor_name=name
+        )
+        return out.to(self.out_dtype)
+
+    def _read(self, ckpt: Checkpoint, name: str) -> torch.Tensor:
+        t = ckpt.get(name)
+        # mergekit rounds inputs to `dtype` before merging; we then compute in float32.
+        return t.to(self.config.dtype) if self.config.dtype is not None else t
+
+    def iter_tensors(self, progress: bool = False) -> Iterator[tuple[str, torch.Tensor]]:
+        """All output tensors in the reference's order; non-floating ones copied as they are."""
+        float_names = set(self.layout.names)
+        bar = tqdm(
+            total=self.layout.nbytes,
+            unit="B",
+            unit_scale=True,
+            desc="merging",
+            disable=None if progress else True,
+        )
+        with bar:
+            for name in self.reference.names():
+                if name not in float_names:
+                    yield name, self.reference.get(name)
+                    continue
+                yield name, self.merge_tensor(name)
+                bar.update(self.layout.slot(name).numel * self.layout.storage_dtype.itemsize)
+
+    def close(self) -> None:
+        for ckpt in {id(c): c for c in [*self.models, self.reference, self.base] if c}.values():
+            ckpt.close()
+
+
+def plan_merge(
+    config: MergeConfig,
+    *,
+    allow_pickle: bool = False,
+    trust_remote_code: bool = False,
+    seed: int = 0,
+) -> MergePlan:
+    """Open the config's checkpoints and check everything that needs no weight data."""
+    method = get_method(config.merge_method)
+    _check_parameter_names(config, method)
+    if method.needs_base and config.base_model is None:
+        raise ConfigError(f"{config.source}: merge_method {method.name} needs 'base_model'")
+
+    opened: dict[str, Checkpoint] = {}
+
+    def open_ref(ref: str) -> Checkpoint:
+        if ref not in opened:
+            opened[ref] = open_checkpoint(ref, allow_pickle=allow_pickle)
+        return opened[ref]
+
+    try:
+        base = open_ref(config.base_model) if config.base_model is not None else None
+        if method.needs_base:
+            indices = [i for i, m in enumerate(config.models) if m.model != config.base_model]
+        else:
+            indices = list(range(len(config.models)))
+        models = [open_ref(config.models[i].model) for i in indices]
+        try:
+            method.check_models(len(models), base is not None)
+        except ConfigError as exc:
+            raise ConfigError(f"{config.source}: {exc}") from None
+        reference = base if base is not None else models[0]
+        for ckpt in opened.values():
+            _check_remote_code(ckpt, trust_remote_code)
+        check_same_architecture({c.source: c.config for c in opened.values()})
+        layout = Layout.from_checkpoint(reference)
+        for ckpt in opened.values():
+            if ckpt is not reference:
+                layout.check(ckpt)
+        plan = MergePlan(
+            config=config,
+            method=method,
+            base=base if method.needs_base else None,
+            models=models,
+            model_indices=indices,
+            reference=reference,
+            layout=layout,
+            n_layers=num_layers(reference.config, layout.names),
+            out_dtype=config.out_dtype or config.dtype or layout.storage_dtype,
+            seed=seed,
+        )
+        _validate_all_tensors(plan)
+        return plan
+    except BaseException:
+        for ckpt in opened.values():
+            ckpt.close()
+        raise
+
+
+def _check_parameter_names(config: MergeConfig, method: MergeMethod) -> None:
+    known = {p.name: p for p in method.params}
+    listing = ", ".join(known) or "none"
+    for name in config.parameters:
+        if name not in known:
+            raise ConfigError(
+                f"{config.source}: parameters.{name}: {method.name} has no parameter {name!r} "
+                f"(its parameters: {listing})"
+            )
+    for i, spec in enumerate(config.models):
+        for name in spec.parameters:
+            if name not in known:
+                raise ConfigError(
+                    f"{config.source}: models[{i}].parameters.{name}: {method.name} has no "
+                    f"parameter {name!r} (its parameters: {listing})"
+                )
+            if not known[name].per_model:
+                raise ConfigError(
+                    f"{config.source}: models[{i}].parameters.{name}: {name!r} is a global "
+                    f"parameter of {method.name}; put it under the top-level 'parameters'"
+                )
+
+
+def _validate_all_tensors(plan: MergePlan) -> None:
+    """Resolve and check every tensor's parameters, so errors come before any weight is read.
+
+    Parameters vary per tensor only through gradients and filters, so the distinct resolved
+    sets are few; each is checked once.
+    """
+    seen: set[str] = set()
+    for name in plan.layout.names:
+        model_params, params = plan.parameters(name)
+        key = repr((model_params, params))
+        if key in seen:
+            continue
+        seen.add(key)
+        try:
+            plan.method.resolve_params(model_params, params, tensor_name=name)
+        except ConfigError as exc:
+            raise ConfigError(f"{plan.config.source}: {exc}") from None
+
+
+def _check_remote_code(ckpt: Checkpoint, trust_remote_code: bool) -> None:
+    if ckpt.config and ckpt.config.get("auto_map") and not trust_remote_code:
+        raise CheckpointError(
+            f"{ckpt.source} uses custom model code (auto_map in config.json). evoray runs none of "
+            "it while merging, but the merged folder needs it to load; pass --trust-remote-code "
+            "if you trust that code"
+        )
+
+
+def merge_to_folder(
+    config: MergeConfig,
+    out_dir: str | Path,
+    *,
+    allow_pickle: bool = False,
+    trust_remote_code: bool = False,
+    overwrite: bool = False,
+    max_shard_bytes: int = DEFAULT_SHARD_BYTES,
+    seed: int = 0,
+    progress: bool = False,
+) -> Path:
+    """Merge per ``config`` and save an HF folder at ``out_dir`` (atomically)."""
+    plan = plan_merge(
+        config, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code, seed=seed
+    )
+    try:
+        with ModelFolderWriter(out_dir, max_shard_bytes=max_shard_bytes, overwrite=overwrite) as w:
+            for name, tensor in plan.iter_tensors(progress=progress):
+                w.add(name, tensor)
+            w.copy_support_files(plan.reference.folder, dtype=plan.out_dtype)
+            tokenizer_folder = _tokenizer_folder(plan)
+            if tokenizer_folder != plan.reference.folder:
+                w.copy_support_files(tokenizer_folder, dtype=None, config=False)
+            if config.chat_template is not None:
+                w.set_chat_template(config.chat_template)
+            w.write_card(
+                recipe_yaml=config.to_yaml(),
+                base_model=config.base_model,
+                models=[m.model for m in config.models],
+                method=plan.method.name,
+            )
+            return w.commit()
+    finally:
+        plan.close()
+
+
+def _tokenizer_folder(plan: MergePlan) -> Path | None:
+    src = plan.config.tokenizer_source
+    if src is None or src == "base":
+        return plan.reference.folder
+    for ckpt in [*plan.models, plan.reference]:
+        if ckpt.source == src:
+            return ckpt.folder
+    folder = Path(src)
+    if not folder.is_dir():
+        raise ConfigError(
+            f"{plan.config.source}: tokenizer_source {src!r} must be 'base', one of the merged "
+            "models, or a local folder"
+        )
+    return folder
