@@ -1,0 +1,347 @@
+"""Merging a population of flat weight vectors: simple averaging, Fisher merging, RegMean.
+
+Evolver (Du et al., ACL 2024 Findings) evolves a population of models and scores an offspring
+by the merge of the population with the offspring in its parent's place. All three mergers
+here are linear in each individual: ``merge(pop) = sum_i A_i theta_i`` with ``A_i`` fixed by
+the per-model statistics (``evoray.statistics``), which stay those of the original models
+during the search. So replacing individual ``i`` by ``u`` moves the merge by
+``A_i (u - theta_i)``, which ``apply_delta`` adds in place without re-merging the population.
+The ``A_i`` are precomputed once, in float32: an elementwise vector per individual for Fisher
+merging, an ``in x in`` matrix per individual and linear weight for RegMean.
+
+Vectors are 1-D torch tensors over one ``Layout`` (e.g. ``FlatWeights.as_tensor()``), in any
+floating dtype; merges are float32.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from typing import Any, Protocol, runtime_checkable
+
+import torch
+from torch import Tensor
+
+from evoray.errors import ConfigError
+from evoray.layout import Layout, Slot
+
+log = logging.getLogger(__name__)
+
+MERGER_KINDS = ("average", "fisher", "regmean")
+
+
+@runtime_checkable
+class Merger(Protocol):
+    """A merge that is linear in each individual, with a cheap update for one replacement."""
+
+    name: str
+
+    def merge(self, population: Sequence[Tensor]) -> Tensor:
+        """The merged flat vector (float32) of ``population``."""
+        ...
+
+    def apply_delta(self, merged: Tensor, i: int, diff: Tensor) -> None:
+        """``merged += A_i @ diff`` in place, where ``diff = u - theta_i`` (flat)."""
+        ...
+
+
+class _LinearMerger:
+    """Shared validation for mergers over ``n`` individuals of one layout."""
+
+    name = ""
+
+    def __init__(self, layout: Layout, n: int) -> None:
+        if n < 1:
+            raise ConfigError(f"{self.name} merging needs at least one model, got {n}")
+        self.layout = layout
+        self.n = n
+
+    def _check_vector(self, t: Tensor, what: str) -> None:
+        if not isinstance(t, Tensor) or t.dim() != 1 or t.numel() != self.layout.numel:
+            shape = list(t.shape) if isinstance(t, Tensor) else type(t).__name__
+            raise ConfigError(
+                f"{what} has shape {shape}; {self.name} merging over the layout of "
+                f"{self.layout.source or 'these models'} needs a flat vector of "
+                f"{self.layout.numel} elements"
+            )
+        if not t.is_floating_point():
+            raise ConfigError(f"{what} is {t.dtype}; weight vectors must be floating point")
+
+    def _check_population(self, population: Sequence[Tensor]) -> torch.device:
+        if len(population) != self.n:
+            raise ConfigError(
+                f"{self.name} merger was built for {self.n} models but got a population of "
+                f"{len(population)}"
+            )
+        for i, t in enumerate(population):
+            self._check_vector(t, f"individual {i}")
+        return population[0].device
+
+    def _check_delta(self, merged: Tensor, i: int, diff: Tensor) -> None:
+        if not 0 <= i < self.n:
+            raise ConfigError(f"individual {i} is out of range for a population of {self.n}")
+        self._check_vector(merged, "the merged vector")
+        if merged.dtype != torch.float32 or not merged.is_contiguous():
+            raise ConfigError(
+                f"the merged vector is {merged.dtype}; apply_delta updates the contiguous "
+                "float32 vector that merge() returned"
+            )
+        self._check_vector(diff, "the difference u - theta_i")
+
+
+class AverageMerger(_LinearMerger):
+    """Simple averaging: ``A_i = 1/N``."""
+
+    name = "average"
+
+    def merge(self, population: Sequence[Tensor]) -> Tensor:
+        device = self._check_population(population)
+        out = torch.zeros(self.layout.numel, dtype=torch.float32, device=device)
+        for t in population:
+            out.add_(t, alpha=1.0 / self.n)
+        return out
+
+    def apply_delta(self, merged: Tensor, i: int, diff: Tensor) -> None:
+        self._check_delta(merged, i, diff)
+        merged.add_(diff, alpha=1.0 / self.n)
+
+    def to(self, device: torch.device | str) -> AverageMerger:
+        return self
+
+
+def _stat(stats: Mapping[str, Tensor], slot: Slot, i: int, what: str) -> Tensor:
+    t = stats.get(slot.name)
+    if t is None:
+        raise ConfigError(
+            f"{what} of model {i} has no entry for tensor {slot.name!r}; compute the "
+            "statistics on the same architecture as the layout"
+        )
+    return t
+
+
+class FisherMerger(_LinearMerger):
+    """Fisher merging: ``theta* = sum_i (F_i + eps) theta_i / sum_j (F_j + eps)`` elementwise.
+
+    ``smoothing`` (``eps``) keeps parameters that no model's Fisher sees (all zeros) at their
+    plain average instead of 0/0.
+    """
+
+    name = "fisher"
+
+    def __init__(
+        self,
+        layout: Layout,
+        fishers: Sequence[Mapping[str, Tensor]],
+        *,
+        smoothing: float = 1e-10,
+    ) -> None:
+        super().__init__(layout, len(fishers))
+        if not smoothing >= 0:
+            raise ConfigError(f"Fisher smoothing must be >= 0, got {smoothing}")
+        self.smoothing = smoothing
+        self.coef = torch.empty(self.n, layout.numel, dtype=torch.float32)
+        for slot in layout.slots:
+            cols = []
+            for i, f in enumerate(fishers):
+                t = _stat(f, slot, i, "the Fisher")
+                if tuple(t.shape) != slot.shape:
+                    raise ConfigError(
+                        f"the Fisher of model {i} for tensor {slot.name!r} has shape "
+                        f"{list(t.shape)} but the layout has {list(slot.shape)}"
+                    )
+                t = t.detach().reshape(-1).to("cpu", torch.float64)
+                if not bool(torch.isfinite(t).all()) or bool((t < 0).any()):
+                    raise ConfigError(
+                        f"the Fisher of model {i} for tensor {slot.name!r} has negative or "
+                        "non-finite entries; recompute it"
+                    )
+                cols.append(t)
+            w = torch.stack(cols).add_(smoothing)
+            total = w.sum(0)
+            coef = torch.where(total > 0, w / total, torch.full_like(w, 1.0 / self.n))
+            self.coef[:, slot.offset : slot.offset + slot.numel] = coef
+
+    def merge(self, population: Sequence[Tensor]) -> Tensor:
+        device = self._check_population(population)
+        out = torch.zeros(self.layout.numel, dtype=torch.float32, device=device)
+        for c, t in zip(self.coef, population, strict=True):
+            out.addcmul_(c, t)
+        return out
+
+    def apply_delta(self, merged: Tensor, i: int, diff: Tensor) -> None:
+        self._check_delta(merged, i, diff)
+        merged.addcmul_(self.coef[i], diff)
+
+    def to(self, device: torch.device | str) -> FisherMerger:
+        self.coef = self.coef.to(device)
+        return self
+
+
+class RegMeanMerger(_LinearMerger):
+    """RegMean: per linear weight ``W* = (sum_i W_i G~_i)(sum_i G~_i)^-1``, the rest averaged.
+
+    ``G~_i = alpha G_i + (1 - alpha) diag(G_i)``: Evolver/RegMean shrink the off-diagonal of
+    the Grams (``alpha=0`` weights each input column by its input norm, ``alpha=1`` is plain
+    RegMean). So ``A_i = G~_i S^-1`` with ``S = sum_j G~_j``, applied as ``W @ A_i``.
+
+    ``ridge`` adds ``ridge * mean(diag S) / N`` to every ``G~_i``'s diagonal so that ``S`` is
+    invertible when an input dimension is never active (that column is then averaged); adding
+    it to each ``G~_i`` rather than only to ``S`` keeps the merge of identical or single models
+    exact. A tensor whose Grams are all zero, or whose ``S`` still cannot be factorised, is
+    averaged with a warning.
+    """
+
+    name = "regmean"
+
+    def __init__(
+        self,
+        layout: Layout,
+        grams: Sequence[Mapping[str, Tensor]],
+        *,
+        alpha: float = 0.1,
+        ridge: float = 1e-6,
+    ) -> None:
+        super().__init__(layout, len(grams))
+        if not 0.0 <= alpha <= 1.0:
+            raise ConfigError(f"RegMean alpha must be in [0, 1], got {alpha}")
+        if not ridge >= 0:
+            raise ConfigError(f"RegMean ridge must be >= 0, got {ridge}")
+        self.alpha = alpha
+        self.ridge = ridge
+        self.linear: list[tuple[Slot, Tensor]] = []  # (slot, A of shape (N, in, in))
+        averaged: list[Slot] = []
+        names = set(layout.names)
+        unknown = {k for g in grams for k in g if k not in names}
+        for slot in layout.slots:
+            have = [slot.name in g for g in grams]
+            if not any(have):
+                averaged.append(slot)
+                continue
+            if not all(have):
+                raise ConfigError(
+                    f"the Gram for tensor {slot.name!r} is missing for model {have.index(False)} "
+                    "but present for others; compute every model's Grams the same way"
+                )
+            coef = self._coefficients(slot, [g[slot.name] for g in grams])
+            if coef is None:
+                averaged.append(slot)
+            else:
+                self.linear.append((slot, coef))
+        if not any(k in names for g in grams for k in g):
+            example = f" (e.g. {sorted(unknown)[0]!r})" if unknown else ""
+            raise ConfigError(
+                f"no Gram names a tensor of the layout{example}; the statistics belong to "
+                "another architecture or naming"
+            )
+        if unknown:
+            log.info("RegMean ignores Grams of %d tensors not in the layout", len(unknown))
+        self._avg_runs = _runs(averaged)
+
+    def _coefficients(self, slot: Slot, grams: list[Tensor]) -> Tensor | None:
+        if len(slot.shape) != 2:
+            raise ConfigError(
+                f"tensor {slot.name!r} has shape {list(slot.shape)}; RegMean Grams belong to "
+                "2-D linear weights only"
+            )
+        d = slot.shape[1]
+        for i, g in enumerate(grams):
+            if tuple(g.shape) != (d, d):
+                raise ConfigError(
+                    f"the Gram of model {i} for tensor {slot.name!r} has shape {list(g.shape)}; "
+                    f"its weight {list(slot.shape)} needs ({d}, {d}), the input width squared"
+                )
+            if not bool(torch.isfinite(g).all()):
+                raise ConfigError(
+                    f"the Gram of model {i} for tensor {slot.name!r} has non-finite entries"
+                )
+        g = torch.stack([t.detach().to("cpu", torch.float64) for t in grams])
+        g = (g + g.transpose(1, 2)) / 2
+        diag = torch.diagonal(g, dim1=1, dim2=2)
+        gt = g * self.alpha
+        torch.diagonal(gt, dim1=1, dim2=2).copy_(diag)
+        scale = float(diag.sum(0).mean())
+        if scale <= 0:
+            log.warning("RegMean: all Grams of %r are zero; averaging that tensor", slot.name)
+            return None
+        torch.diagonal(gt, dim1=1, dim2=2).add_(self.ridge * scale / self.n)
+        chol, info = torch.linalg.cholesky_ex(gt.sum(0))
+        if int(info) != 0:
+            log.warning(
+                "RegMean: the Gram sum of %r is not positive definite (raise ridge); averaging "
+                "that tensor",
+                slot.name,
+            )
+            return None
+        a = torch.cholesky_solve(gt, chol).transpose(1, 2)  # (S^-1 G~_i)^T = G~_i S^-1
+        if not bool(torch.isfinite(a).all()):
+            log.warning("RegMean: solving for %r gave non-finite values; averaging it", slot.name)
+            return None
+        return a.to(torch.float32).contiguous()
+
+    def merge(self, population: Sequence[Tensor]) -> Tensor:
+        device = self._check_population(population)
+        out = torch.zeros(self.layout.numel, dtype=torch.float32, device=device)
+        for i, t in enumerate(population):
+            self._add(out, i, t)
+        return out
+
+    def apply_delta(self, merged: Tensor, i: int, diff: Tensor) -> None:
+        self._check_delta(merged, i, diff)
+        self._add(merged, i, diff)
+
+    def _add(self, out: Tensor, i: int, t: Tensor) -> None:
+        """``out += A_i t``: scaled copy on averaged runs, one matmul per linear weight."""
+        for start, stop in self._avg_runs:
+            out[start:stop].add_(t[start:stop], alpha=1.0 / self.n)
+        for slot, a in self.linear:
+            sl = slice(slot.offset, slot.offset + slot.numel)
+            w = t[sl].view(slot.shape).to(torch.float32)
+            out[sl].view(slot.shape).addmm_(w, a[i])
+
+    def to(self, device: torch.device | str) -> RegMeanMerger:
+        self.linear = [(s, a.to(device)) for s, a in self.linear]
+        return self
+
+
+def _runs(slots: list[Slot]) -> list[tuple[int, int]]:
+    """Contiguous element ranges covered by ``slots`` (adjacent slots fused)."""
+    runs: list[tuple[int, int]] = []
+    for s in sorted(slots, key=lambda s: s.offset):
+        if runs and runs[-1][1] == s.offset:
+            runs[-1] = (runs[-1][0], s.offset + s.numel)
+        else:
+            runs.append((s.offset, s.offset + s.numel))
+    return runs
+
+
+_PARAMS = {"average": set(), "fisher": {"smoothing"}, "regmean": {"alpha", "ridge"}}
+
+
+def make_merger(
+    kind: str,
+    layout: Layout,
+    n: int,
+    *,
+    fishers: Sequence[Mapping[str, Tensor]] | None = None,
+    grams: Sequence[Mapping[str, Tensor]] | None = None,
+    **params: Any,
+) -> Merger:
+    """Build the merger ``kind`` for ``n`` models; ``params`` are that merger's options."""
+    if kind not in MERGER_KINDS:
+        raise ConfigError(f"merger {kind!r} is unknown; use one of {list(MERGER_KINDS)}")
+    extra = set(params) - _PARAMS[kind]
+    if extra:
+        raise ConfigError(
+            f"merger {kind!r} has no parameter {sorted(extra)[0]!r}; it takes "
+            f"{sorted(_PARAMS[kind]) or 'none'}"
+        )
+    if kind == "average":
+        return AverageMerger(layout, n)
+    stats, what = (fishers, "fishers") if kind == "fisher" else (grams, "grams")
+    if stats is None:
+        raise ConfigError(f"merger {kind!r} needs per-model statistics: pass {what}=[...]")
+    if len(stats) != n:
+        raise ConfigError(f"merger {kind!r} got {what} for {len(stats)} models but n={n}")
+    if kind == "fisher":
+        return FisherMerger(layout, stats, **params)
+    return RegMeanMerger(layout, stats, **params)

@@ -1,0 +1,321 @@
+"""Population mergers: closed forms on hand-sized examples, the incremental update Evolver relies
+on, input validation, and Fisher/RegMean merges of the zoo's experts end to end."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from evoray.errors import ConfigError
+from evoray.layout import Layout
+from evoray.mergers import (
+    AverageMerger,
+    FisherMerger,
+    Merger,
+    RegMeanMerger,
+    make_merger,
+)
+
+
+@dataclass
+class _Info:
+    name: str
+    shape: tuple[int, ...]
+    dtype: torch.dtype = torch.float32
+
+
+def _layout(*specs: tuple[str, tuple[int, ...]]) -> Layout:
+    return Layout.from_infos([_Info(n, s) for n, s in specs], source="test")
+
+
+# Linear weights between other tensors, so averaged runs and matmul slots interleave.
+LAYOUT = _layout(
+    ("emb.weight", (5, 4)),
+    ("lin1.weight", (3, 4)),
+    ("lin1.bias", (3,)),
+    ("norm.weight", (3,)),
+    ("lin2.weight", (2, 3)),
+    ("head.weight", (2, 2)),  # a 2-D tensor without a Gram: averaged by RegMean
+)
+N = 4
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny models run fastest on one thread; with more, a busy machine's thread contention
+    makes these per-example loops many times slower."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _psd(d: int, gen: torch.Generator) -> torch.Tensor:
+    x = torch.randn(7, d, generator=gen)
+    return x.T @ x
+
+
+def _fishers(layout: Layout, n: int, gen: torch.Generator) -> list[dict[str, torch.Tensor]]:
+    return [{s.name: torch.rand(s.shape, generator=gen) for s in layout.slots} for _ in range(n)]
+
+
+def _grams(n: int, gen: torch.Generator) -> list[dict[str, torch.Tensor]]:
+    return [{"lin1.weight": _psd(4, gen), "lin2.weight": _psd(3, gen)} for _ in range(n)]
+
+
+def _mergers(gen: torch.Generator) -> list[Merger]:
+    return [
+        AverageMerger(LAYOUT, N),
+        FisherMerger(LAYOUT, _fishers(LAYOUT, N, gen)),
+        RegMeanMerger(LAYOUT, _grams(N, gen)),
+        RegMeanMerger(LAYOUT, _grams(N, gen), alpha=1.0),
+    ]
+
+
+# -- closed forms -----------------------------------------------------------------------------
+
+
+def test_fisher_merge_of_two_vectors_by_hand() -> None:
+    layout = _layout(("w", (3,)))
+    a, b = torch.tensor([1.0, 2.0, 3.0]), torch.tensor([3.0, 6.0, -1.0])
+    fa, fb = torch.tensor([1.0, 0.0, 3.0]), torch.tensor([1.0, 2.0, 1.0])
+    merged = FisherMerger(layout, [{"w": fa}, {"w": fb}], smoothing=0.0).merge([a, b])
+    assert torch.allclose(merged, torch.tensor([2.0, 6.0, 2.0]))
+    # Where no model has Fisher mass, smoothing falls back to the plain average.
+    zero = {"w": torch.zeros(3)}
+    merged = FisherMerger(layout, [zero, zero]).merge([a, b])
+    assert torch.allclose(merged, (a + b) / 2)
+
+
+def _regmean_layout() -> Layout:
+    return _layout(("lin.weight", (2, 2)), ("lin.bias", (2,)))
+
+
+def test_regmean_single_linear_matches_numpy_solve() -> None:
+    layout = _regmean_layout()
+    w1, w2 = np.array([[1.0, 2.0], [3.0, 4.0]]), np.array([[0.0, -1.0], [2.0, 5.0]])
+    g1, g2 = np.array([[2.0, 1.0], [1.0, 3.0]]), np.array([[4.0, -1.0], [-1.0, 1.0]])
+    pop = [
+        torch.tensor(np.concatenate([w1.ravel(), [1.0, 1.0]]), dtype=torch.float32),
+        torch.tensor(np.concatenate([w2.ravel(), [3.0, -1.0]]), dtype=torch.float32),
+    ]
+    grams = [{"lin.weight": torch.tensor(g)} for g in (g1, g2)]
+    for alpha in (1.0, 0.1):
+        gt1, gt2 = (alpha * g + (1 - alpha) * np.diag(np.diag(g)) for g in (g1, g2))
+        # W* = (W1 G1 + W2 G2) S^-1  <=>  S W*^T = (W1 G1 + W2 G2)^T  (S symmetric)
+        expected = np.linalg.solve(gt1 + gt2, (w1 @ gt1 + w2 @ gt2).T).T
+        merged = RegMeanMerger(layout, grams, alpha=alpha, ridge=0.0).merge(pop)
+        np.testing.assert_allclose(merged[:4].numpy().reshape(2, 2), expected, rtol=1e-5)
+        np.testing.assert_allclose(merged[4:].numpy(), [2.0, 0.0])  # the bias is averaged
+
+
+def test_regmean_alpha_zero_weights_columns_by_input_norm() -> None:
+    layout = _regmean_layout()
+    gen = torch.Generator().manual_seed(1)
+    pop = [torch.randn(6, generator=gen) for _ in range(3)]
+    grams = [{"lin.weight": _psd(2, gen)} for _ in range(3)]
+    merged = RegMeanMerger(layout, grams, alpha=0.0, ridge=0.0).merge(pop)
+    norms = torch.stack([g["lin.weight"].diagonal() for g in grams])  # (N, in)
+    weights = torch.stack([p[:4].view(2, 2) for p in pop])  # (N, out, in)
+    expected = (weights * norms[:, None, :]).sum(0) / norms.sum(0)
+    assert torch.allclose(merged[:4].view(2, 2), expected, atol=1e-6)
+
+
+def test_regmean_with_identical_grams_is_the_average() -> None:
+    gen = torch.Generator().manual_seed(2)
+    g = _grams(1, gen)[0]
+    pop = [torch.randn(LAYOUT.numel, generator=gen) for _ in range(N)]
+    merged = RegMeanMerger(LAYOUT, [g] * N).merge(pop)
+    assert torch.allclose(merged, torch.stack(pop).mean(0), atol=1e-5)
+
+
+def test_regmean_dead_input_dimension_is_averaged_not_nan(caplog) -> None:
+    layout = _regmean_layout()
+    gen = torch.Generator().manual_seed(3)
+    pop = [torch.randn(6, generator=gen) for _ in range(2)]
+    dead = [{"lin.weight": torch.tensor([[2.0, 0.0], [0.0, 0.0]])}, {"lin.weight": torch.eye(2)}]
+    dead[1]["lin.weight"][1, 1] = 0.0
+    merged = RegMeanMerger(layout, dead, alpha=1.0).merge(pop)
+    assert torch.isfinite(merged).all()
+    # column 1 saw no input in any model: ridge makes it the plain average
+    avg = (pop[0][:4] + pop[1][:4]).view(2, 2) / 2
+    assert torch.allclose(merged[:4].view(2, 2)[:, 1], avg[:, 1], atol=1e-5)
+    zero = [{"lin.weight": torch.zeros(2, 2)}] * 2
+    with caplog.at_level(logging.WARNING, logger="evoray.mergers"):
+        merged = RegMeanMerger(layout, zero).merge(pop)
+    assert torch.allclose(merged, (pop[0] + pop[1]) / 2)
+    assert "averaging" in caplog.text
+
+
+def test_merge_of_one_model_is_that_model() -> None:
+    gen = torch.Generator().manual_seed(4)
+    theta = torch.randn(LAYOUT.numel, generator=gen)
+    for m in (
+        FisherMerger(LAYOUT, _fishers(LAYOUT, 1, gen)),
+        RegMeanMerger(LAYOUT, _grams(1, gen)),
+        AverageMerger(LAYOUT, 1),
+    ):
+        assert torch.allclose(m.merge([theta]), theta, atol=1e-5), m.name
+
+
+# -- the incremental property -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_apply_delta_equals_remerge_with_replacement(dtype: torch.dtype) -> None:
+    gen = torch.Generator().manual_seed(5)
+    for merger in _mergers(gen):
+        pop = [torch.randn(LAYOUT.numel, generator=gen).to(dtype) for _ in range(N)]
+        merged = merger.merge(pop)
+        assert merged.dtype == torch.float32
+        for i in range(N):
+            u = torch.randn(LAYOUT.numel, generator=gen).to(dtype)
+            diff = u.float() - pop[i].float()
+            pop[i] = u
+            merger.apply_delta(merged, i, diff)  # chained updates stay exact
+            expected = merger.merge(pop)
+            assert torch.allclose(merged, expected, atol=1e-5), (merger.name, i)
+
+
+def test_mergers_are_linear_with_coefficients_summing_to_one() -> None:
+    gen = torch.Generator().manual_seed(6)
+    ones = torch.ones(LAYOUT.numel)
+    for merger in _mergers(gen):
+        # merging N copies of one vector returns it: sum_i A_i = identity
+        theta = torch.randn(LAYOUT.numel, generator=gen)
+        assert torch.allclose(merger.merge([theta] * N), theta, atol=1e-5), merger.name
+        assert torch.allclose(merger.merge([ones] * N), ones, atol=1e-5), merger.name
+
+
+# -- validation -------------------------------------------------------------------------------
+
+
+def test_fisher_missing_or_misshapen_tensor_is_named() -> None:
+    gen = torch.Generator().manual_seed(7)
+    fishers = _fishers(LAYOUT, 2, gen)
+    del fishers[1]["norm.weight"]
+    with pytest.raises(ConfigError, match=r"model 1.*'norm.weight'"):
+        FisherMerger(LAYOUT, fishers)
+    fishers = _fishers(LAYOUT, 2, gen)
+    fishers[0]["lin2.weight"] = torch.rand(3, 2)
+    with pytest.raises(ConfigError, match=r"'lin2.weight' has shape \[3, 2\]"):
+        FisherMerger(LAYOUT, fishers)
+    fishers = _fishers(LAYOUT, 2, gen)
+    fishers[0]["emb.weight"][0, 0] = float("nan")
+    with pytest.raises(ConfigError, match=r"'emb\.weight'"):
+        FisherMerger(LAYOUT, fishers)
+
+
+def test_regmean_bad_grams_are_named() -> None:
+    gen = torch.Generator().manual_seed(8)
+    grams = _grams(2, gen)
+    del grams[1]["lin2.weight"]
+    with pytest.raises(ConfigError, match=r"'lin2.weight' is missing for model 1"):
+        RegMeanMerger(LAYOUT, grams)
+    grams = _grams(2, gen)
+    grams[0]["lin1.weight"] = torch.eye(3)
+    with pytest.raises(ConfigError, match=r"model 0 for tensor 'lin1.weight'.*\(4, 4\)"):
+        RegMeanMerger(LAYOUT, grams)
+    with pytest.raises(ConfigError, match=r"'lin1\.bias'.*2-D"):
+        RegMeanMerger(LAYOUT, [{"lin1.bias": torch.eye(3)}])
+    with pytest.raises(ConfigError, match="no Gram names a tensor"):
+        RegMeanMerger(LAYOUT, [{"model.lin1.weight": torch.eye(4)}])
+    with pytest.raises(ConfigError, match="alpha"):
+        RegMeanMerger(LAYOUT, _grams(1, gen), alpha=1.5)
+
+
+def test_population_and_delta_are_checked() -> None:
+    merger = AverageMerger(LAYOUT, 2)
+    good = torch.zeros(LAYOUT.numel)
+    with pytest.raises(ConfigError, match="built for 2 models but got a population of 3"):
+        merger.merge([good] * 3)
+    with pytest.raises(ConfigError, match=f"individual 1 has shape \\[5\\].*{LAYOUT.numel}"):
+        merger.merge([good, torch.zeros(5)])
+    merged = merger.merge([good, good])
+    with pytest.raises(ConfigError, match="out of range"):
+        merger.apply_delta(merged, 2, good)
+    with pytest.raises(ConfigError, match="float32"):
+        merger.apply_delta(merged.double(), 0, good)
+
+
+def test_make_merger() -> None:
+    gen = torch.Generator().manual_seed(9)
+    assert isinstance(make_merger("average", LAYOUT, 3), AverageMerger)
+    f = make_merger("fisher", LAYOUT, 2, fishers=_fishers(LAYOUT, 2, gen), smoothing=1e-8)
+    assert isinstance(f, FisherMerger) and f.smoothing == 1e-8
+    r = make_merger("regmean", LAYOUT, 2, grams=_grams(2, gen), alpha=0.5)
+    assert isinstance(r, RegMeanMerger) and r.alpha == 0.5
+    assert isinstance(r, Merger)
+    with pytest.raises(ConfigError, match="unknown; use one of"):
+        make_merger("ties", LAYOUT, 2)
+    with pytest.raises(ConfigError, match="pass fishers="):
+        make_merger("fisher", LAYOUT, 2)
+    with pytest.raises(ConfigError, match="for 2 models but n=3"):
+        make_merger("regmean", LAYOUT, 3, grams=_grams(2, gen))
+    with pytest.raises(ConfigError, match="no parameter 'alpha'"):
+        make_merger("fisher", LAYOUT, 2, fishers=_fishers(LAYOUT, 2, gen), alpha=0.1)
+
+
+# -- end to end on the zoo --------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def small_zoo(tmp_path_factory: pytest.TempPathFactory):
+    from evoray.zoo import ZooSpec, build_zoo
+
+    spec = ZooSpec(
+        hidden_size=32, pretrain_steps=30, finetune_epochs=2, general_epochs=1, n_domains=2
+    )
+    return build_zoo(tmp_path_factory.mktemp("zoo"), spec, report=lambda _: None)
+
+
+def test_zoo_experts_merge_load_and_score(small_zoo, tmp_path: Path) -> None:
+    from transformers import AutoTokenizer, BertForSequenceClassification
+
+    from evoray.checkpoint import open_checkpoint
+    from evoray.evaluation import classification_scores, encode
+    from evoray.statistics import cached_statistics, fisher_diagonal, regmean_grams
+    from evoray.weight_space import flatten
+
+    names = list(small_zoo.experts)
+    tokenizer = AutoTokenizer.from_pretrained(small_zoo.tokenizer_path)
+    splits = {d: encode(tokenizer, small_zoo.suite.dataset(d)["dev"]) for d in names}
+    models = {d: BertForSequenceClassification.from_pretrained(small_zoo.experts[d]) for d in names}
+    ckpts = [open_checkpoint(small_zoo.experts[d]) for d in names]
+    layout = Layout.from_checkpoint(ckpts[0])
+    pop = [flatten(c, layout).as_tensor() for c in ckpts]
+
+    def stats(kind: str, d: str) -> dict[str, torch.Tensor]:
+        fn = fisher_diagonal if kind == "fisher" else regmean_grams
+        return cached_statistics(
+            kind,
+            small_zoo.experts[d],
+            f"{d}/dev",
+            lambda: fn(models[d], splits[d], n_examples=32),
+            tmp_path,
+            settings={"n_examples": 32},
+        )
+
+    fishers = [stats("fisher", d) for d in names]
+    grams = [stats("regmean", d) for d in names]
+    assert len(list(tmp_path.glob("*.safetensors"))) == 2 * len(names)
+    target = BertForSequenceClassification.from_pretrained(small_zoo.base)
+    for merger in (
+        make_merger("fisher", layout, len(names), fishers=fishers),
+        make_merger("regmean", layout, len(names), grams=grams),
+    ):
+        merged = merger.merge(pop)
+        assert torch.isfinite(merged).all()
+        views = {s.name: merged[s.offset : s.offset + s.numel].view(s.shape) for s in layout.slots}
+        target.load_state_dict(views, strict=False)
+        for d in names:
+            scores = classification_scores(target, splits[d])
+            assert 0.0 <= scores["accuracy"] <= 1.0, (merger.name, d)
+    # A data-aware merge of one model is that model.
+    for merger in (FisherMerger(layout, fishers[:1]), RegMeanMerger(layout, grams[:1])):
+        assert torch.allclose(merger.merge(pop[:1]), pop[0].float(), atol=1e-5, rtol=1e-4)
