@@ -16,6 +16,11 @@ os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 from pathlib import Path
 
 import pytest
+import torch
+
+# Tiny models on a shared 2-core machine: one thread is several times faster than two
+# (thread hand-off dominates such small matrix products).
+torch.set_num_threads(1)
 
 from tests.factories import make_tiny_model
 
@@ -55,3 +60,31 @@ def tiny_gpt2(tiny_models_dir: Path) -> Path:
 def tiny_bert(tiny_models_dir: Path) -> Path:
     """A tiny BERT masked LM: an encoder-only architecture."""
     return make_tiny_model(tiny_models_dir / "bert", arch="bert", seed=0)
+
+
+SMALL_ZOO = {
+    "hidden_size": 32,
+    "pretrain_steps": 30,
+    "finetune_epochs": 3,
+    "general_epochs": 1,
+    "n_domains": 3,
+}
+
+
+@pytest.fixture(scope="session")
+def small_zoo(tmp_path_factory: pytest.TempPathFactory):
+    """A fast zoo (hidden 32, 3 experts): for plumbing, not for accuracy claims."""
+    from evoray.zoo import ZooSpec, build_zoo
+
+    return build_zoo(tmp_path_factory.mktemp("zoo"), ZooSpec(**SMALL_ZOO), report=lambda _: None)
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """One local Ray for the whole session (starting Ray costs seconds)."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield ray
+    ray.shutdown()

@@ -1,0 +1,1 @@
+"""Population search strategies over weight space (Evolver first)."""

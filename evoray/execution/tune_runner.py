@@ -1,0 +1,268 @@
+"""Ray Tune drives search runs: one trial per run, one Tune iteration per generation.
+
+Each trial reserves its workers up front (a ``PlacementGroupFactory``: one bundle for the trial
+itself, one per worker) so trials that start actors never deadlock the cluster. A trial's
+checkpoint is its ``EvolverState`` (fitness and accepted recipes, a few KB), which is all
+``Tuner.restore`` needs to continue: the population is replayed from the initial models.
+Per-offspring rows go to the run's Parquet log, one file per generation.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import ray
+from ray import tune
+
+from evoray.evolution.evolver import EvolverSettings, EvolverState
+from evoray.execution.evolver_run import EvolverRun, RunInputs
+from evoray.execution.pool import WorkerPool, flat_from_ref
+from evoray.execution.worker import TaskSpec, WorkerSpec
+from evoray.layout import Layout
+from evoray.run_config import RunConfig
+
+log = logging.getLogger(__name__)
+STATE_FILE = "evolver_state.json"
+
+
+@dataclass(frozen=True)
+class Shared:
+    """What every trial of a search gets, besides its own hyperparameters."""
+
+    inputs: RunInputs
+    worker: WorkerSpec
+    num_workers: int
+    cpus_per_worker: float
+    gpus_per_worker: float
+    run_dir: str
+    fail_once_at_generation: int | None = None  # fault injection for tests of restore
+
+
+def prepare(config: RunConfig) -> Shared:
+    """Resolve models (building the zoo if asked) and the layout, once, on the driver."""
+    from evoray.checkpoint import open_checkpoint
+
+    tasks = TaskSpec(**config.tasks) if config.tasks.get("kind", "zoo") != "zoo" else None
+    member_tasks = None
+    if config.models.zoo is not None:
+        from evoray.zoo import ZooSpec, build_zoo
+
+        zoo_args = dict(config.models.zoo)
+        root = zoo_args.pop("root", None)
+        zoo = build_zoo(root, ZooSpec(**zoo_args))
+        members = tuple(str(p) for p in zoo.experts.values())
+        base = str(zoo.base)
+        member_tasks = tuple(zoo.experts)
+        tasks = TaskSpec(
+            kind="zoo", seed=zoo.spec.seed, n_domains=zoo.spec.n_domains, n_ood=zoo.spec.n_ood
+        )
+    else:
+        members, base = config.models.members, config.models.base
+        tasks = tasks or TaskSpec(**config.tasks)
+    with open_checkpoint(members[0]) as first:
+        layout = Layout.from_checkpoint(first)
+    for m in [*members[1:], *([base] if base else [])]:
+        with open_checkpoint(m) as ckpt:
+            layout.check(ckpt)
+    ex = config.execution
+    run_dir = config.run_dir.resolve()
+    return Shared(
+        inputs=RunInputs(
+            members=tuple(members),
+            base=base,
+            tasks=tasks,
+            member_tasks=member_tasks,
+            stats_examples=ex.stats_examples,
+            cache_dir=str(run_dir / "stats-cache"),
+        ),
+        worker=WorkerSpec(
+            model_path=members[0],
+            layout=layout,
+            tasks=tasks,
+            device="cuda" if ex.gpus_per_worker > 0 else "cpu",
+            torch_threads=ex.torch_threads,
+        ),
+        num_workers=ex.num_workers,
+        cpus_per_worker=ex.cpus_per_worker,
+        gpus_per_worker=ex.gpus_per_worker,
+        run_dir=str(run_dir),
+    )
+
+
+def evolver_trainable(config: dict[str, Any], shared: Shared) -> None:
+    """One Evolver run as a Tune trial."""
+    from evoray.runlog import RunLog
+
+    settings = EvolverSettings(**config["evolver"])
+    name = tune.get_context().get_trial_id() or "evolver"
+    trial_dir = Path(shared.run_dir) / "runs" / name
+    pool = WorkerPool(
+        shared.worker,
+        shared.num_workers,
+        num_cpus=shared.cpus_per_worker,
+        num_gpus=shared.gpus_per_worker,
+    )
+    run_log = RunLog(trial_dir, run_id=name, strategy="evolver")
+    run = EvolverRun(settings, shared.inputs, pool, run_log=run_log, run_id=name)
+    state = None
+    checkpoint = tune.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as d:
+            state = EvolverState.from_dict(json.loads((Path(d) / STATE_FILE).read_text()))
+    resumed = state is not None
+    state = run.start(state)
+    if not resumed:
+        initial = {"fitness": state.fitness, "merged_fitness": state.merged_fitness}
+        if settings.merger_mode:
+            initial["merged_scores"] = run.test_scores(run.merged_ref)
+        trial_dir.mkdir(parents=True, exist_ok=True)
+        (trial_dir / "initial.json").write_text(json.dumps(initial, indent=2))
+    while not state.done:
+        _maybe_fail_for_test(shared, trial_dir, state.generation)
+        metrics = run.step(state)
+        final = state.done
+        if final:
+            metrics.update(_finish(run, state, settings, trial_dir))
+        with tempfile.TemporaryDirectory() as d:
+            (Path(d) / STATE_FILE).write_text(json.dumps(state.to_dict()))
+            tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(d))
+    if settings.generations == 0:
+        tune.report(_finish(run, state, settings, trial_dir))
+    pool.shutdown()
+
+
+def _maybe_fail_for_test(shared: Shared, trial_dir: Path, generation: int) -> None:
+    """Fault injection for tests: crash once when generation N is about to run."""
+    marker = trial_dir / "failed-once"
+    if shared.fail_once_at_generation == generation and not marker.exists():
+        marker.parent.mkdir(parents=True, exist_ok=True)
+        marker.touch()
+        raise RuntimeError(f"injected failure before generation {generation}")
+
+
+def _finish(
+    run: EvolverRun, state: EvolverState, settings: EvolverSettings, trial_dir: Path
+) -> dict:
+    """Test scores of the answer and the answer itself, saved as an HF folder."""
+    ref = run.final_ref(state)
+    scores = run.test_scores(ref)
+    summary = {
+        "settings": asdict(settings),
+        "generations": state.generation,
+        "best_dev_fitness": state.best_fitness,
+        "test": scores,
+    }
+    save_vector(ref, run.layout, run.pool.spec.model_path, trial_dir / "model", summary)
+    (trial_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    return {"test_mean": _mean(scores["test"]), "ood_mean": _mean(scores.get("ood", {}))}
+
+
+def _mean(scores: dict[str, dict[str, float]], metric: str = "accuracy") -> float | None:
+    vals = [s[metric] for s in scores.values()]
+    return sum(vals) / len(vals) if vals else None
+
+
+def save_vector(ref, layout: Layout, like: str, out_dir: Path, summary: dict) -> Path:
+    """Write a population vector as an HF folder, config and tokenizer from ``like``."""
+    from evoray.checkpoint import open_checkpoint
+    from evoray.export import ModelFolderWriter
+
+    flat = flat_from_ref(ref, layout)
+    with open_checkpoint(like) as ckpt, ModelFolderWriter(out_dir, overwrite=True) as w:
+        for name in ckpt.names():
+            w.add(name, flat.tensor(name) if name in layout._by_name else ckpt.get(name))
+        w.copy_support_files(ckpt.folder, dtype=layout.storage_dtype)
+        w.write_card(
+            recipe_yaml=json.dumps(summary["settings"], indent=2),
+            base_model=None,
+            models=[],
+            method="evolver",
+        )
+        return w.commit()
+
+
+def run_search(
+    config: RunConfig,
+    *,
+    shared: Shared | None = None,
+    resume: bool = False,
+    progress: bool = True,
+) -> list[dict]:
+    """Run every trial of a search config under Tune; returns the trials' summaries."""
+    from ray.tune import PlacementGroupFactory
+
+    shared = shared or prepare(config)
+    ex = config.execution
+    # The trial itself only waits on workers: an empty head bundle, so 2 workers fit 2 CPUs.
+    bundles = [{}] + [
+        {"CPU": ex.cpus_per_worker, **({"GPU": ex.gpus_per_worker} if ex.gpus_per_worker else {})}
+    ] * ex.num_workers
+    trainable = tune.with_resources(
+        tune.with_parameters(evolver_trainable, shared=shared), PlacementGroupFactory(bundles)
+    )
+    storage = str(Path(shared.run_dir) / "tune")
+    name = "evolver"
+    if resume and tune.Tuner.can_restore(str(Path(storage) / name)):
+        tuner = tune.Tuner.restore(str(Path(storage) / name), trainable, resume_errored=True)
+    else:
+        param_space, tune_config = _search_space(config)
+        tuner = tune.Tuner(
+            trainable,
+            param_space=param_space,
+            tune_config=tune_config,
+            run_config=tune.RunConfig(
+                name=name,
+                storage_path=storage,
+                verbose=1 if progress else 0,
+                checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
+                failure_config=tune.FailureConfig(max_failures=2),
+            ),
+        )
+    results = tuner.fit()
+    summaries = []
+    for result in results:
+        if result.error:
+            raise result.error
+        trial = Path(shared.run_dir) / "runs" / result.metrics["trial_id"]
+        summaries.append(_collect(trial))
+    return summaries
+
+
+def _search_space(config: RunConfig):
+    ex = config.execution
+    grid = {k: tune.grid_search(v) for k, v in config.search.grid.items()}
+    evolver = {**config.evolver, **grid}
+    tune_config = tune.TuneConfig(max_concurrent_trials=ex.max_concurrent_trials)
+    opt = config.search.optuna
+    if opt:
+        from ray.tune.search.optuna import OptunaSearch
+
+        space = {k: tune.uniform(lo, hi) for k, (lo, hi) in opt.get("space", {}).items()}
+        evolver.update(space)
+        tune_config = tune.TuneConfig(
+            search_alg=OptunaSearch(metric="best_fitness", mode="max", seed=opt.get("seed", 0)),
+            num_samples=opt.get("num_samples", 4),
+            max_concurrent_trials=ex.max_concurrent_trials,
+        )
+    return {"evolver": evolver}, tune_config
+
+
+def _collect(trial_dir: Path) -> dict:
+    summary = json.loads((trial_dir / "summary.json").read_text())
+    initial = trial_dir / "initial.json"
+    if initial.is_file():
+        summary["initial"] = json.loads(initial.read_text())
+    summary["trial"] = trial_dir.name
+    summary["trial_dir"] = str(trial_dir)
+    return summary
+
+
+def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> None:
+    """Join a cluster (``RAY_ADDRESS``/``address``) or start a local Ray."""
+    if not ray.is_initialized():
+        ray.init(address=address, num_cpus=num_cpus, include_dashboard=False, log_to_driver=True)

@@ -1,0 +1,204 @@
+"""An offspring worker: one model on one device, rebuilt in place from recipes and evaluated.
+
+The worker's model parameters are views into one flat buffer laid out like the population, so
+building an offspring writes straight into the model, with no state-dict copies. Population
+vectors arrive as numpy arrays (zero-copy from Ray's object store); only recipes and scores
+cross the network. This class is plain Python: ``evoray.execution.pool`` wraps it in a Ray actor,
+and tests use it directly.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+import warnings
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from evoray.evaluation import EncodedSplit, classification_scores, encode
+from evoray.evolution.de import Recipe, build_offspring
+from evoray.kinship import kinship_flat
+from evoray.layout import Layout
+from evoray.weight_space import FlatWeights
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    """Where the dev/test data comes from; rebuilt on each worker (data is small, weights not).
+
+    ``kind="zoo"``: the generated suite of ``evoray.tasks`` (seed, n_domains, n_ood).
+    """
+
+    kind: str = "zoo"
+    seed: int = 0
+    n_domains: int = 4
+    n_ood: int = 2
+    max_length: int = 64
+
+    def splits(self, tokenizer, split: str, *, ood: bool = False) -> dict[str, EncodedSplit]:
+        if self.kind != "zoo":
+            raise ValueError(f"unknown task kind {self.kind!r}; supported: zoo")
+        from evoray.tasks import make_suite
+
+        suite = make_suite(self.seed, self.n_domains, self.n_ood)
+        names = suite.ood_names if ood else suite.domain_names
+        return {
+            n: encode(tokenizer, suite.dataset(n)[split], max_length=self.max_length) for n in names
+        }
+
+
+@dataclass(frozen=True)
+class WorkerSpec:
+    """What every worker needs to build its model and data."""
+
+    model_path: str  # any population member's folder: architecture, config, tokenizer
+    layout: Layout
+    tasks: TaskSpec = field(default_factory=TaskSpec)
+    device: str = "cpu"
+    metric: str = "accuracy"
+    batch_size: int = 512
+    torch_threads: int | None = None
+
+
+def bind_parameters(
+    model: torch.nn.Module, flat: FlatWeights | torch.Tensor, layout: Layout
+) -> None:
+    """Make every floating tensor of ``model`` a view into ``flat`` (same device and dtype)."""
+    buf = flat.as_tensor() if isinstance(flat, FlatWeights) else flat
+    for s in layout.slots:
+        view = buf[s.offset : s.offset + s.numel].view(s.shape)
+        try:
+            target = model.get_parameter(s.name)
+        except AttributeError:
+            target = model.get_buffer(s.name)
+        if tuple(target.shape) != s.shape:
+            raise ValueError(
+                f"model tensor {s.name} has shape {tuple(target.shape)}, not {s.shape}"
+            )
+        view.copy_(target.detach())
+        target.data = view
+
+
+def fitness_of(scores: dict[str, dict[str, float]], metric: str) -> float:
+    """Mean of one metric over the dev tasks: what selection maximises."""
+    return float(np.mean([s[metric] for s in scores.values()]))
+
+
+class OffspringWorker:
+    """Holds one model whose weights are rebuilt per recipe; evaluates on the dev tasks."""
+
+    def __init__(self, spec: WorkerSpec) -> None:
+        from transformers import AutoModelForSequenceClassification, AutoTokenizer
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+        if spec.torch_threads:
+            torch.set_num_threads(spec.torch_threads)
+        self.spec = spec
+        self.device = torch.device(spec.device)
+        layout = spec.layout
+        model = AutoModelForSequenceClassification.from_pretrained(
+            spec.model_path, dtype=layout.storage_dtype
+        )
+        self.buffer = torch.empty(layout.numel, dtype=layout.storage_dtype, device=self.device)
+        self.model = model.to(self.device).eval()
+        bind_parameters(self.model, self.buffer, layout)
+        tok = AutoTokenizer.from_pretrained(spec.model_path)
+        self.dev = {n: s.to(self.device) for n, s in spec.tasks.splits(tok, "dev").items()}
+        self._tokenizer = tok
+        self.population: list[torch.Tensor] = []
+        self.merged: torch.Tensor | None = None
+        self.merger: Any = None
+        self.base: torch.Tensor | None = None
+        self.node = socket.gethostname()
+        self.pid = os.getpid()
+
+    # -- state pushed by the driver (object refs resolve to zero-copy numpy arrays) -----------
+
+    def set_population(self, *arrays: np.ndarray) -> None:
+        """Adopt a population; arrays are read-only zero-copy views of the object store."""
+        self.population = [_as_tensor(a) for a in arrays]
+
+    def set_merged(self, merged: np.ndarray, merger: Any) -> None:
+        self.merged = _as_tensor(merged)  # float32, as mergers produce it
+        self.merger = merger
+
+    def set_base(self, base: np.ndarray) -> None:
+        """The shared base model, for kinship of each offspring to its parent."""
+        self.base = _as_tensor(base)
+
+    # -- work ----------------------------------------------------------------------------------
+
+    def evaluate_recipe(self, recipe: Recipe | dict, merged: bool = False) -> dict[str, Any]:
+        """Build the offspring (or the merge containing it), score it on dev."""
+        recipe = Recipe.from_dict(recipe) if isinstance(recipe, dict) else recipe
+        t0 = time.perf_counter()
+        if merged:
+            if self.merged is None or self.merger is None:
+                raise RuntimeError("merger mode needs set_merged() first")
+            u = build_offspring(recipe, self.population)
+            diff = u.float() - self.population[recipe.target].float()
+            trial = self.merged.to(torch.float32, copy=True)  # merged stays the reference
+            self.merger.apply_delta(trial, recipe.target, diff)
+            self.buffer.copy_(trial)
+        else:
+            u = build_offspring(recipe, self.population, self.buffer)
+        kin = None
+        if self.base is not None:
+            parent = self.population[recipe.target]
+            kin = kinship_flat(u, parent, self.base).pearson
+        t1 = time.perf_counter()
+        scores = self.scores()
+        t2 = time.perf_counter()
+        return {
+            "recipe": recipe.to_dict(),
+            "scores": scores,
+            "fitness": fitness_of(scores, self.spec.metric),
+            "build_time_s": t1 - t0,
+            "eval_time_s": t2 - t1,
+            "kinship_to_parent": kin,
+            "node": self.node,
+            "device": str(self.device),
+            "pid": self.pid,
+        }
+
+    def evaluate_vector(self, flat: np.ndarray, split: str = "dev") -> dict[str, Any]:
+        """Score a given flat vector (an initial individual, or the merged model)."""
+        t0 = time.perf_counter()
+        self.buffer.copy_(_as_tensor(flat))
+        scores = self.scores(split)
+        return {
+            "scores": scores,
+            "fitness": fitness_of(scores, self.spec.metric),
+            "eval_time_s": time.perf_counter() - t0,
+            "node": self.node,
+            "device": str(self.device),
+        }
+
+    def scores(self, split: str = "dev") -> dict[str, dict[str, float]]:
+        data = self.dev if split == "dev" else self._split(split)
+        return {
+            name: classification_scores(self.model, s, batch_size=self.spec.batch_size)
+            for name, s in data.items()
+        }
+
+    def _split(self, split: str) -> dict[str, EncodedSplit]:
+        ood = split.startswith("ood-")
+        base = split.removeprefix("ood-")
+        data = self.spec.tasks.splits(self._tokenizer, base, ood=ood)
+        return {n: s.to(self.device) for n, s in data.items()}
+
+    def ping(self) -> dict[str, Any]:
+        return {"node": self.node, "pid": self.pid, "device": str(self.device)}
+
+
+def _as_tensor(arr: np.ndarray) -> torch.Tensor:
+    """Zero-copy torch view; uint16 arrays are bfloat16 bit patterns (see weight_space)."""
+    with warnings.catch_warnings():  # object-store arrays are read-only; we never write them
+        warnings.simplefilter("ignore", UserWarning)
+        t = torch.from_numpy(np.asarray(arr))
+    return t.view(torch.bfloat16) if t.dtype == torch.uint16 else t

@@ -1,0 +1,65 @@
+"""Result tables for search runs: the experts, the one-shot merges and each search's answer."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from evoray.evaluation import classification_scores
+from evoray.execution.tune_runner import Shared
+
+
+def member_test_scores(shared: Shared) -> dict[str, dict[str, dict[str, dict[str, float]]]]:
+    """Test and OOD-test scores of every initial member (experts), evaluated here."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    tasks = shared.inputs.tasks
+    tok = AutoTokenizer.from_pretrained(shared.inputs.members[0])
+    splits = {"test": tasks.splits(tok, "test")}
+    if tasks.n_ood:
+        splits["ood"] = tasks.splits(tok, "test", ood=True)
+    out = {}
+    for path in shared.inputs.members:
+        model = AutoModelForSequenceClassification.from_pretrained(path)
+        out[path] = {
+            kind: {n: classification_scores(model, s) for n, s in data.items()}
+            for kind, data in splits.items()
+        }
+    return out
+
+
+def _mean(scores: dict[str, dict[str, float]], metric: str = "accuracy") -> float:
+    vals = [s[metric] for s in scores.values()]
+    return sum(vals) / len(vals) if vals else float("nan")
+
+
+def run_table(
+    shared: Shared, summaries: Sequence[dict[str, Any]], *, metric: str = "accuracy"
+) -> str:
+    """Markdown table: experts, one-shot merges (generation 0) and every run's final answer."""
+    rows: list[tuple[str, dict, dict]] = []
+    for path, s in member_test_scores(shared).items():
+        rows.append((f"expert {path.rstrip('/').split('/')[-1]}", s["test"], s.get("ood", {})))
+    for s in summaries:
+        merger = s["settings"]["merger"]
+        init = s.get("initial", {}).get("merged_scores")
+        if init:
+            rows.append((f"{merger} merge (no evolution)", init["test"], init.get("ood", {})))
+    for s in summaries:
+        st = s["settings"]
+        label = f"Evolver F={st['F']:.2g} CR={st['CR']:.2g} " + (
+            "individual" if st["merger"] == "none" else f"+{st['merger']}"
+        )
+        rows.append((label, s["test"]["test"], s["test"].get("ood", {})))
+    tasks = list(rows[0][1]) if rows else []
+    ood = list(rows[0][2]) if rows else []
+    head = ["model", *tasks, "in-domain", *[f"ood:{t}" for t in ood], "OOD"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for label, test, oods in rows:
+        cells = [f"{test[t][metric]:.3f}" for t in tasks] + [f"{_mean(test, metric):.3f}"]
+        cells += [f"{oods[t][metric]:.3f}" for t in ood]
+        cells += [f"{_mean(oods, metric):.3f}" if oods else "-"]
+        lines.append("| " + " | ".join([label, *cells]) + " |")
+    return "\n".join(lines)

@@ -1,0 +1,155 @@
+"""Search-run configs (``search_spaces/*.yaml``): which models, which tasks, which strategy,
+which hyperparameters to try, and how to execute.
+
+A config names one strategy and its defaults; ``search.grid`` lists values to try for any of the
+strategy's settings (one Tune trial per combination); ``search.optuna`` samples them instead.
+Every field is checked on load and errors name the file and the field.
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from evoray.errors import ConfigError
+from evoray.evolution.evolver import EvolverSettings
+
+STRATEGIES = ("evolver",)
+TOP_KEYS = ("strategy", "models", "tasks", "evolver", "search", "execution", "output")
+
+
+@dataclass(frozen=True)
+class ModelsSpec:
+    """Either the embedded zoo (``zoo: {seed, n_domains}``) or explicit base + members."""
+
+    zoo: dict[str, Any] | None = None
+    base: str | None = None
+    members: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class ExecutionSpec:
+    num_workers: int = 2
+    cpus_per_worker: float = 1
+    gpus_per_worker: float = 0
+    max_concurrent_trials: int = 1
+    torch_threads: int | None = 1
+    stats_examples: int = 256
+
+
+@dataclass(frozen=True)
+class SearchSpec:
+    grid: dict[str, list[Any]] = field(default_factory=dict)
+    optuna: dict[str, Any] | None = None
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    strategy: str
+    models: ModelsSpec
+    tasks: dict[str, Any]
+    evolver: dict[str, Any]
+    search: SearchSpec
+    execution: ExecutionSpec
+    run_dir: Path
+    source: str = "<config>"
+
+    @classmethod
+    def from_yaml(cls, path: str | Path) -> RunConfig:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"run config {path} not found")
+        try:
+            data = yaml.safe_load(path.read_text())
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+        return cls.from_dict(data, source=str(path))
+
+    @classmethod
+    def from_dict(cls, data: Any, *, source: str = "<config>") -> RunConfig:
+        if not isinstance(data, Mapping):
+            raise ConfigError(f"{source}: expected a mapping at the top level")
+        _check_keys(data, TOP_KEYS, source, "")
+        strategy = data.get("strategy", "evolver")
+        if strategy not in STRATEGIES:
+            raise ConfigError(f"{source}: strategy: unknown {strategy!r}; supported: {STRATEGIES}")
+        models = _section(data, "models", source)
+        _check_keys(models, ("zoo", "base", "members"), source, "models.")
+        if "zoo" in models and ("members" in models or "base" in models):
+            raise ConfigError(f"{source}: models: give either 'zoo' or 'base' + 'members'")
+        if "zoo" not in models and len(models.get("members") or []) < 2:
+            raise ConfigError(
+                f"{source}: models.members: list at least 2 fine-tuned models (or use 'zoo: {{}}')"
+            )
+        models_spec = ModelsSpec(
+            zoo=dict(models["zoo"] or {}) if "zoo" in models else None,
+            base=models.get("base"),
+            members=tuple(models.get("members") or ()),
+        )
+        evolver = _section(data, "evolver", source)
+        names = [f.name for f in fields(EvolverSettings)]
+        _check_keys(evolver, names, source, "evolver.")
+        search = _section(data, "search", source)
+        _check_keys(search, ("grid", "optuna"), source, "search.")
+        grid = dict(search.get("grid") or {})
+        for key, values in grid.items():
+            if key not in names:
+                _unknown(key, names, source, "search.grid.")
+            if not isinstance(values, list) or not values:
+                raise ConfigError(f"{source}: search.grid.{key}: expected a non-empty list")
+        for combo in _grid(grid) or [{}]:
+            try:
+                EvolverSettings(**{**evolver, **combo})
+            except (TypeError, ValueError) as exc:
+                raise ConfigError(f"{source}: {exc}") from None
+        execution = _section(data, "execution", source)
+        exec_names = [f.name for f in fields(ExecutionSpec)]
+        _check_keys(execution, exec_names, source, "execution.")
+        output = _section(data, "output", source)
+        _check_keys(output, ("run_dir",), source, "output.")
+        tasks = _section(data, "tasks", source) or {"kind": "zoo"}
+        return cls(
+            strategy=strategy,
+            models=models_spec,
+            tasks=dict(tasks),
+            evolver=dict(evolver),
+            search=SearchSpec(grid=grid, optuna=search.get("optuna")),
+            execution=ExecutionSpec(**execution),
+            run_dir=Path(output.get("run_dir", "runs/evolver")),
+            source=source,
+        )
+
+    def trial_settings(self) -> list[dict[str, Any]]:
+        """The evolver settings of every grid trial (defaults merged with each combination)."""
+        return [{**self.evolver, **combo} for combo in (_grid(self.search.grid) or [{}])]
+
+
+def _grid(grid: dict[str, list[Any]]) -> list[dict[str, Any]]:
+    combos: list[dict[str, Any]] = [{}]
+    for key, values in grid.items():
+        combos = [{**c, key: v} for c in combos for v in values]
+    return combos if grid else []
+
+
+def _section(data: Mapping, key: str, source: str) -> dict:
+    value = data.get(key) or {}
+    if not isinstance(value, Mapping):
+        raise ConfigError(f"{source}: {key}: expected a mapping")
+    return dict(value)
+
+
+def _check_keys(data: Mapping, allowed, source: str, prefix: str) -> None:
+    for key in data:
+        if key not in allowed:
+            _unknown(key, allowed, source, prefix)
+
+
+def _unknown(key: str, allowed, source: str, prefix: str) -> None:
+    hint = difflib.get_close_matches(str(key), list(allowed), n=1)
+    did = f" (did you mean '{hint[0]}'?)" if hint else ""
+    raise ConfigError(f"{source}: unknown key '{prefix}{key}'{did}; allowed: {', '.join(allowed)}")

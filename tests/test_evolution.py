@@ -1,0 +1,119 @@
+"""Differential-evolution recipes and Evolver's selection rules (no Ray, no models)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from evoray.evolution.de import BLOCK, Recipe, build_offspring, crossover_mask, sample_recipes
+from evoray.evolution.evolver import (
+    EvolverSettings,
+    EvolverState,
+    Trial,
+    choose_merged,
+    improving_merges,
+    select_individuals,
+)
+
+
+def pop(n: int, size: int, seed: int = 0) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(size, generator=g) for _ in range(n)]
+
+
+@given(
+    seed=st.integers(0, 2**62),
+    start=st.integers(0, 3 * BLOCK),
+    length=st.integers(1, 2 * BLOCK),
+    cut=st.floats(0, 1),
+)
+@settings(max_examples=25, deadline=None)
+def test_crossover_mask_does_not_depend_on_chunking(seed, start, length, cut):
+    stop = start + length
+    mid = start + int(cut * length)
+    whole = crossover_mask(seed, start, stop, 0.5)
+    parts = [crossover_mask(seed, a, b, 0.5) for a, b in ((start, mid), (mid, stop)) if b > a]
+    assert torch.equal(whole, torch.cat(parts))
+
+
+def test_crossover_rate_and_forced_element():
+    m = crossover_mask(7, 0, 4 * BLOCK, 0.3)
+    assert abs(m.float().mean().item() - 0.3) < 0.01
+    tiny = crossover_mask(7, 0, 4 * BLOCK, 1e-12)
+    # j_rand: exactly one element per block comes from the mutant even at CR ~ 0
+    assert tiny.view(4, BLOCK).sum(1).tolist() == [1, 1, 1, 1]
+    assert crossover_mask(7, 0, 1000, 1.0).all()
+
+
+def test_evolver_mutation_with_full_crossover():
+    p = pop(3, 1000)
+    r = Recipe(target=0, refs=(2,), F=0.5, CR=1.0, seed=1)
+    out = build_offspring(r, p)
+    torch.testing.assert_close(out, p[0] + 0.5 * (p[2] - p[0]))
+
+
+def test_rand1_mutation_and_crossover_mix():
+    p = pop(4, 5000)
+    r = Recipe(target=1, refs=(0, 2, 3), F=0.8, CR=0.5, seed=3, mutation="rand1")
+    out = build_offspring(r, p)
+    v = p[0] + 0.8 * (p[2] - p[3])
+    mask = crossover_mask(3, 0, 5000, 0.5)
+    torch.testing.assert_close(out[mask], v[mask])
+    assert torch.equal(out[~mask], p[1][~mask])
+
+
+def test_offspring_same_whatever_chunk_and_dtype_kept():
+    p = [t.to(torch.bfloat16) for t in pop(3, 3 * BLOCK + 17)]
+    r = Recipe(target=2, refs=(1,), F=0.5, CR=0.5, seed=9)
+    a = build_offspring(r, p, chunk=1 << 22)
+    b = build_offspring(r, p, chunk=12345)
+    assert a.dtype == torch.bfloat16
+    assert torch.equal(a, b)
+    out = torch.empty_like(p[0])
+    assert build_offspring(r, p, out) is out and torch.equal(out, a)
+
+
+def test_sample_recipes_deterministic_and_valid():
+    a = sample_recipes(5, F=0.5, CR=0.5, mutation="rand1", seed=1, generation=3)
+    b = sample_recipes(5, F=0.5, CR=0.5, mutation="rand1", seed=1, generation=3)
+    c = sample_recipes(5, F=0.5, CR=0.5, mutation="rand1", seed=1, generation=4)
+    assert a == b and a != c
+    for r in a:
+        assert r.target not in r.refs and len(set(r.refs)) == 3
+    assert [r.target for r in a] == list(range(5))
+    assert Recipe.from_dict(a[0].to_dict()) == a[0]
+    with pytest.raises(ValueError, match="at least 4"):
+        sample_recipes(3, F=0.5, CR=0.5, mutation="rand1", seed=0, generation=0)
+    with pytest.raises(ValueError, match="mutation"):
+        sample_recipes(3, F=0.5, CR=0.5, mutation="best2", seed=0, generation=0)
+
+
+def trial(target: int, fitness: float) -> Trial:
+    return Trial(Recipe(target, (0,), 0.5, 0.5, target), fitness)
+
+
+def test_individual_selection_is_strict():
+    chosen = select_individuals([0.5, 0.6, 0.7], [trial(0, 0.5), trial(1, 0.65), trial(2, 0.1)])
+    assert [t.recipe.target for t in chosen] == [1]
+
+
+def test_merged_selection():
+    improving = improving_merges(0.6, [trial(0, 0.7), trial(1, 0.6), trial(2, 0.8)])
+    assert [t.recipe.target for t in improving] == [2, 0]
+    assert [t.recipe.target for t in choose_merged(improving, 0.85)] == [2, 0]
+    assert [t.recipe.target for t in choose_merged(improving, 0.75)] == [2]
+    assert choose_merged([], None) == []
+
+
+def test_state_round_trip_and_settings_validation():
+    s = EvolverSettings(generations=3, merger="fisher")
+    state = EvolverState(s, 4, generation=2, fitness=[0.1, 0.2, 0.3, 0.4], merged_fitness=0.5)
+    state.accepted = [[Recipe(1, (2,), 0.5, 0.5, 5).to_dict()], []]
+    back = EvolverState.from_dict(state.to_dict())
+    assert back == state and back.recipes() == state.recipes()
+    assert back.best_fitness == 0.5 and not back.done
+    for bad in ({"CR": 0}, {"F": 3}, {"merger": "ties"}, {"mutation": "x"}, {"generations": -1}):
+        with pytest.raises(ValueError):
+            EvolverSettings(**bad)

@@ -1,0 +1,99 @@
+"""`evoray run`: a search config through Ray Tune, its outputs, and restore from checkpoints."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+
+import pytest
+import yaml
+from transformers import AutoModelForSequenceClassification
+
+from evoray.errors import ConfigError
+from evoray.run_config import RunConfig
+from evoray.runlog import read_log
+from tests.conftest import SMALL_ZOO
+
+
+def small_config(tmp_path, zoo_root, **evolver) -> dict:
+    return {
+        "strategy": "evolver",
+        "models": {"zoo": {**SMALL_ZOO, "root": str(zoo_root)}},
+        "evolver": {"generations": 2, "seed": 4, **evolver},
+        "execution": {"num_workers": 1},
+        "output": {"run_dir": str(tmp_path / "run")},
+    }
+
+
+def test_search_run_writes_log_model_and_table(tmp_path, small_zoo, ray_local):
+    from evoray.execution.tune_runner import prepare, run_search
+    from evoray.report import run_table
+
+    data = small_config(tmp_path, small_zoo.root.parent, merger="average")
+    config = RunConfig.from_dict(data, source="t.yml")
+    # The trial crashes once, after generation 0's checkpoint: Tune restores it from there.
+    shared = replace(prepare(config), fail_once_at_generation=1)
+    (summary,) = run_search(config, shared=shared, progress=False)
+    trial = tmp_path / "run" / "runs" / summary["trial"]
+    assert (trial / "failed-once").exists()  # the injected failure happened
+    log = read_log(trial)
+    assert sorted(log.generation.unique()) == [0, 1]
+    assert len(log) == 2 * len(small_zoo.experts)  # no row lost or duplicated by the restart
+    assert {"dev/books/accuracy", "fitness", "accepted", "kinship_to_parent"} <= set(log.columns)
+    model = AutoModelForSequenceClassification.from_pretrained(trial / "model")
+    assert model.config.num_labels == 2
+    assert summary["generations"] == 2 and summary["settings"]["merger"] == "average"
+    assert set(summary["test"]) == {"test", "ood"}
+    assert summary["initial"]["merged_scores"]["test"]
+    table = run_table(shared, [summary])
+    assert "average merge (no evolution)" in table and "Evolver" in table
+
+    # Restoring a finished search is a no-op that returns the same result.
+    (again,) = run_search(config, shared=shared, resume=True, progress=False)
+    assert again["best_dev_fitness"] == summary["best_dev_fitness"]
+
+
+def test_uninterrupted_run_matches_restored_one(tmp_path, small_zoo, ray_local):
+    from evoray.execution.tune_runner import prepare, run_search
+
+    config = RunConfig.from_dict(small_config(tmp_path, small_zoo.root.parent, merger="none"))
+    (plain,) = run_search(config, progress=False)
+    config2 = RunConfig.from_dict(
+        small_config(tmp_path / "b", small_zoo.root.parent, merger="none")
+    )
+    shared = replace(prepare(config2), fail_once_at_generation=1)
+    (restored,) = run_search(config2, shared=shared, progress=False)
+    assert plain["best_dev_fitness"] == restored["best_dev_fitness"]
+    assert plain["test"] == restored["test"]
+
+
+@pytest.mark.parametrize(
+    ("patch", "needle"),
+    [
+        ({"strategy": "magic"}, "strategy"),
+        ({"evolver": {"FF": 0.5}}, "did you mean 'F'"),
+        ({"evolver": {"CR": 0}}, "CR"),
+        ({"search": {"grid": {"merger": ["ties"]}}}, "merger"),
+        ({"search": {"grid": {"F": []}}}, "non-empty"),
+        ({"models": {"members": ["a"]}}, "at least 2"),
+        ({"models": {"zoo": {}, "base": "x"}}, "either"),
+        ({"execution": {"workers": 2}}, "num_workers"),
+        ({"outputs": {}}, "output"),
+    ],
+)
+def test_bad_run_configs(tmp_path, patch, needle):
+    data = {"strategy": "evolver", "models": {"zoo": {}}, **patch}
+    with pytest.raises(ConfigError) as err:
+        RunConfig.from_dict(data, source="s.yml")
+    assert needle in str(err.value) and "s.yml" in str(err.value)
+
+
+def test_shipped_search_spaces_parse():
+    from pathlib import Path
+
+    for path in Path("search_spaces").glob("*.yaml"):
+        config = RunConfig.from_yaml(path)
+        assert config.trial_settings()
+    grid = RunConfig.from_yaml("search_spaces/evolver.yaml").trial_settings()
+    assert [t["merger"] for t in grid] == ["none", "average", "fisher", "regmean"]
+    assert yaml.safe_load(json.dumps(grid))
