@@ -141,9 +141,8 @@ def main() -> None:
         f"reference loop: {ref['n']} offspring in {ref['wall']:.2f} s "
         f"({ref['n'] / ref['wall']:.1f}/s), eval share {ref['eval'] / ref['wall']:.3f}"
     )
-    print(
-        f"throughput ratio evoray / reference: {(ours['n'] / ours['wall']) / (ref['n'] / ref['wall']):.2f}"
-    )
+    speedup = (ours["n"] / ours["wall"]) / (ref["n"] / ref["wall"])
+    print(f"throughput ratio evoray / reference: {speedup:.2f}")
     ray.shutdown()
 
 

@@ -18,11 +18,11 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.factories import make_tiny_model
+
 # Tiny models on a shared 2-core machine: one thread is several times faster than two
 # (thread hand-off dominates such small matrix products).
 torch.set_num_threads(1)
-
-from tests.factories import make_tiny_model
 
 N_FINETUNES = 3
 
