@@ -15,8 +15,10 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -q -e '.[dev]'
 	touch $(STAMP)
 
+# The default job: Evolver (individual and with average/Fisher/RegMean mergers) on the embedded
+# zoo, built on first use; prints experts, one-shot merges and Evolver variants side by side.
 demo: $(STAMP)
-	$(BIN)/python examples/merge_demo.py
+	$(BIN)/evoray run search_spaces/evolver.yaml -q
 
 test: $(STAMP) lint
 	$(BIN)/python -m pytest -q

@@ -102,6 +102,9 @@ class RunConfig:
                 _unknown(key, names, source, "search.grid.")
             if not isinstance(values, list) or not values:
                 raise ConfigError(f"{source}: search.grid.{key}: expected a non-empty list")
+        optuna = search.get("optuna")
+        if optuna is not None:
+            _check_optuna(optuna, source)
         for combo in _grid(grid) or [{}]:
             try:
                 EvolverSettings(**{**evolver, **combo})
@@ -118,7 +121,7 @@ class RunConfig:
             models=models_spec,
             tasks=dict(tasks),
             evolver=dict(evolver),
-            search=SearchSpec(grid=grid, optuna=search.get("optuna")),
+            search=SearchSpec(grid=grid, optuna=optuna),
             execution=ExecutionSpec(**execution),
             run_dir=Path(output.get("run_dir", "runs/evolver")),
             source=source,
@@ -127,6 +130,29 @@ class RunConfig:
     def trial_settings(self) -> list[dict[str, Any]]:
         """The evolver settings of every grid trial (defaults merged with each combination)."""
         return [{**self.evolver, **combo} for combo in (_grid(self.search.grid) or [{}])]
+
+
+def _check_optuna(optuna: Any, source: str) -> None:
+    """``search.optuna``: {num_samples, seed, space: {setting: [low, high]}} (uniform ranges)."""
+    if not isinstance(optuna, Mapping):
+        raise ConfigError(f"{source}: search.optuna: expected a mapping")
+    _check_keys(optuna, ("num_samples", "seed", "space"), source, "search.optuna.")
+    n = optuna.get("num_samples", 4)
+    if not isinstance(n, int) or n < 1:
+        raise ConfigError(f"{source}: search.optuna.num_samples: expected a positive integer")
+    space = optuna.get("space")
+    if not isinstance(space, Mapping) or not space:
+        raise ConfigError(f"{source}: search.optuna.space: map settings to [low, high] ranges")
+    for key, rng in space.items():
+        if key not in ("F", "CR", "regmean_alpha"):
+            raise ConfigError(
+                f"{source}: search.optuna.space.{key}: only F, CR and regmean_alpha are searched"
+            )
+        ok = isinstance(rng, list) and len(rng) == 2
+        if not ok or not all(isinstance(v, int | float) for v in rng) or rng[0] >= rng[1]:
+            raise ConfigError(
+                f"{source}: search.optuna.space.{key}: expected [low, high] with low < high"
+            )
 
 
 def _grid(grid: dict[str, list[Any]]) -> list[dict[str, Any]]:

@@ -28,6 +28,7 @@ from transformers import (
     BertForSequenceClassification,
     PreTrainedTokenizerFast,
 )
+from transformers.utils import logging as hf_logging
 
 from evoray.evaluation import classification_scores, encode
 from evoray.tasks import GENERAL, LABELS, SPECIAL_TOKENS, TaskSuite, make_suite
@@ -214,6 +215,18 @@ def build_zoo(
             return _zoo_from_manifest(zoo_dir, spec, suite, data)
     zoo_dir.mkdir(parents=True, exist_ok=True)
     manifest.unlink(missing_ok=True)
+    hf_logging.disable_progress_bar()
+    threads = torch.get_num_threads()
+    # One thread: faster for models this small, and the same float results on any machine.
+    torch.set_num_threads(1)
+    try:
+        return _build(zoo_dir, spec, suite, report)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _build(zoo_dir: Path, spec: ZooSpec, suite: TaskSuite, report: Callable[[str], None]) -> Zoo:
+    manifest = zoo_dir / "zoo.json"
     t0 = time.perf_counter()
     torch.manual_seed(spec.seed)
     tokenizer = make_tokenizer(suite)

@@ -79,6 +79,9 @@ def test_uninterrupted_run_matches_restored_one(tmp_path, small_zoo, ray_local):
         ({"models": {"zoo": {}, "base": "x"}}, "either"),
         ({"execution": {"workers": 2}}, "num_workers"),
         ({"outputs": {}}, "output"),
+        ({"search": {"optuna": {"space": {"G": [0, 1]}}}}, "optuna.space.G"),
+        ({"search": {"optuna": {"space": {"F": [0.9, 0.1]}}}}, "low < high"),
+        ({"search": {"optuna": {"num_samples": 0, "space": {"F": [0, 1]}}}}, "num_samples"),
     ],
 )
 def test_bad_run_configs(tmp_path, patch, needle):
@@ -97,3 +100,15 @@ def test_shipped_search_spaces_parse():
     grid = RunConfig.from_yaml("search_spaces/evolver.yaml").trial_settings()
     assert [t["merger"] for t in grid] == ["none", "average", "fisher", "regmean"]
     assert yaml.safe_load(json.dumps(grid))
+
+
+def test_optuna_searches_F_and_CR_across_runs(tmp_path, small_zoo, ray_local):
+    from evoray.execution.tune_runner import run_search
+
+    data = small_config(tmp_path, small_zoo.root.parent)
+    data["evolver"]["generations"] = 1
+    data["search"] = {"optuna": {"num_samples": 2, "seed": 1, "space": {"F": [0.3, 0.9]}}}
+    summaries = run_search(RunConfig.from_dict(data), progress=False)
+    values = [s["settings"]["F"] for s in summaries]
+    assert len(values) == 2 and all(0.3 <= v <= 0.9 for v in values)
+    assert values[0] != values[1]

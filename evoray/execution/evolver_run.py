@@ -62,10 +62,12 @@ def compute_statistics(
 ) -> dict:
     """Fisher diagonals or RegMean Grams of one member on its training data (cached on disk)."""
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
+    from transformers.utils import logging as hf_logging
 
     from evoray.evaluation import EncodedSplit
     from evoray.statistics import cached_statistics, fisher_diagonal, regmean_grams
 
+    hf_logging.disable_progress_bar()
     tok = AutoTokenizer.from_pretrained(model_path)
     splits = tasks.splits(tok, "train")
     names = list(task_names) if task_names else list(splits)
