@@ -47,9 +47,9 @@ def evoray_run(zoo, generations: int, workers: int) -> dict:
     n = 0
     original = pool.evaluate_recipes
 
-    def timed(recipes, merged):
+    def timed(recipes, population, merged):
         nonlocal evals, builds, n
-        results = original(recipes, merged=merged)
+        results = original(recipes, population, merged=merged)
         evals += sum(r["eval_time_s"] for r in results)
         builds += sum(r["build_time_s"] for r in results)
         n += len(results)

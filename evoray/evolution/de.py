@@ -101,12 +101,15 @@ def build_offspring(
         x = target[start:stop].float()
         if recipe.mutation == "evolver":
             (r,) = recipe.refs
-            v = x + F * (population[r][start:stop].float() - x)
+            v = population[r][start:stop].float() - x  # a fresh float32 tensor
+            v.mul_(F).add_(x)
         else:
             r1, r2, r3 = recipe.refs
-            v = population[r1][start:stop].float() + F * (
-                population[r2][start:stop].float() - population[r3][start:stop].float()
-            )
+            v = population[r2][start:stop].float() - population[r3][start:stop].float()
+            v.mul_(F).add_(population[r1][start:stop])
         mask = crossover_mask(recipe.seed, start, stop, recipe.CR)
-        out[start:stop] = torch.where(mask, v, x)
+        if out.dtype == torch.float32 and out.device == x.device:
+            torch.where(mask, v, x, out=out[start:stop])
+        else:
+            out[start:stop] = torch.where(mask, v, x)
     return out

@@ -27,13 +27,7 @@ from evoray.evolution.evolver import (
     improving_merges,
     select_individuals,
 )
-from evoray.execution.pool import (
-    WorkerPool,
-    build_remote,
-    load_flat,
-    merge_remote,
-    update_merged_remote,
-)
+from evoray.execution.pool import WorkerPool
 from evoray.execution.worker import TaskSpec
 
 log = logging.getLogger(__name__)
@@ -123,24 +117,23 @@ class EvolverRun:
     def start(self, state: EvolverState | None = None) -> EvolverState:
         """Load the population (replaying ``state`` if resuming) and score generation 0."""
         s = self.settings
-        self.refs = [load_flat.remote(p, self.layout) for p in self.inputs.members]
+        self.refs = [self.pool.submit("load", p) for p in self.inputs.members]
         if self.inputs.base is not None:
-            self.pool.broadcast("set_base", load_flat.remote(self.inputs.base, self.layout))
+            self.pool.broadcast("set_base", self.pool.submit("load", self.inputs.base))
         if s.merger_mode:
             self.merger_ref = ray.put(self._make_merger())
         resumed = state is not None
         if state is None:
             state = EvolverState(settings=s, pop_size=len(self.refs))
         if s.merger_mode:
-            self.merged_ref = merge_remote.remote(self.merger_ref, *self.refs)
+            self.merged_ref = self.pool.submit("merge", self.merger_ref, *self.refs)
         for accepted in state.accepted:  # replay each generation exactly as it ran
             recipes = [Recipe.from_dict(r) for r in accepted]
             if s.merger_mode and recipes:
-                self.merged_ref = update_merged_remote.remote(
-                    self.merger_ref, self.merged_ref, accepted, *self.refs
+                self.merged_ref = self.pool.submit(
+                    "update_merged", self.merger_ref, self.merged_ref, accepted, *self.refs
                 )
             self._replace(recipes)
-        self._push()
         if s.merger_mode:
             self.pool.broadcast("set_merged", self.merged_ref, self.merger_ref)
         if not resumed:
@@ -183,10 +176,7 @@ class EvolverRun:
             return
         old = list(self.refs)
         for r in accepted:
-            self.refs[r.target] = build_remote.remote(r.to_dict(), *old)
-
-    def _push(self) -> None:
-        self.pool.broadcast("set_population", *self.refs)
+            self.refs[r.target] = self.pool.submit("build", r.to_dict(), *old)
 
     # -- one generation -----------------------------------------------------------------------
 
@@ -195,7 +185,7 @@ class EvolverRun:
         s = self.settings
         t0 = time.perf_counter()
         recipes = state.recipes()
-        results = self.pool.evaluate_recipes(recipes, merged=s.merger_mode)
+        results = self.pool.evaluate_recipes(recipes, self.refs, merged=s.merger_mode)
         trials = [
             Trial(r, res["fitness"], _flat_scores(res["scores"]))
             for r, res in zip(recipes, results, strict=True)
@@ -204,7 +194,8 @@ class EvolverRun:
             improving = improving_merges(state.merged_fitness, trials)
             combined = None
             if len(improving) > 1:
-                ref = update_merged_remote.remote(
+                ref = self.pool.submit(
+                    "update_merged",
                     self.merger_ref,
                     self.merged_ref,
                     [t.recipe.to_dict() for t in improving],
@@ -214,7 +205,8 @@ class EvolverRun:
                 combined = res["fitness"]
             chosen = choose_merged(improving, combined)
             if chosen:
-                self.merged_ref = update_merged_remote.remote(
+                self.merged_ref = self.pool.submit(
+                    "update_merged",
                     self.merger_ref,
                     self.merged_ref,
                     [t.recipe.to_dict() for t in chosen],
@@ -227,7 +219,6 @@ class EvolverRun:
                 state.fitness[t.recipe.target] = t.fitness
         accepted = {t.recipe.target for t in chosen}
         self._replace([t.recipe for t in chosen])
-        self._push()
         if s.merger_mode and chosen:
             self.pool.broadcast("set_merged", self.merged_ref, self.merger_ref)
         state.accepted.append([t.recipe.to_dict() for t in chosen])

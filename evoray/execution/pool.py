@@ -1,9 +1,10 @@
 """The Ray edge: population vectors in the object store, a persistent pool of offspring workers.
 
-The driver holds only object refs. Population vectors are numpy arrays put into the object store
-once per node (workers read them zero-copy); new individuals and merged vectors are produced by
-Ray tasks, so offspring weights never pass through the driver. Workers are long-lived actors,
-each with a model on its device, fed recipes through ``ray.util.ActorPool``.
+The driver holds only object refs. Population vectors are numpy arrays in the object store,
+shared by the workers of a node zero-copy; new individuals and merged vectors are computed by
+the (already warm) workers and returned into the object store, so offspring weights never pass
+through the driver. Workers are long-lived actors, each with a model on its device, fed recipes
+through ``ray.util.ActorPool``.
 """
 
 from __future__ import annotations
@@ -16,52 +17,10 @@ import ray
 import torch
 from ray.util import ActorPool
 
-from evoray.evolution.de import Recipe, build_offspring
-from evoray.execution.worker import OffspringWorker, WorkerSpec, _as_tensor
+from evoray.evolution.de import Recipe
+from evoray.execution.worker import OffspringWorker, WorkerSpec, _to_numpy
 from evoray.layout import Layout
 from evoray.weight_space import FlatWeights
-
-
-def _to_numpy(t: torch.Tensor) -> np.ndarray:
-    t = t.detach().cpu().contiguous()
-    return t.view(torch.uint16).numpy() if t.dtype == torch.bfloat16 else t.numpy()
-
-
-@ray.remote(num_cpus=0)
-def load_flat(path: str, layout: Layout, allow_pickle: bool = False) -> np.ndarray:
-    """Read one checkpoint into a flat vector, straight into the object store."""
-    from evoray.checkpoint import open_checkpoint
-    from evoray.weight_space import flatten
-
-    with open_checkpoint(path, allow_pickle=allow_pickle) as ckpt:
-        return flatten(ckpt, layout).data
-
-
-@ray.remote(num_cpus=0)
-def build_remote(recipe: dict, *population: np.ndarray) -> np.ndarray:
-    """An accepted offspring, rebuilt where the population lives."""
-    pop = [_as_tensor(a) for a in population]
-    return _to_numpy(build_offspring(Recipe.from_dict(recipe), pop))
-
-
-@ray.remote(num_cpus=0)
-def merge_remote(merger: Any, *population: np.ndarray) -> np.ndarray:
-    """The merged model of a population, as a float32 flat vector."""
-    return merger.merge([_as_tensor(a) for a in population]).float().numpy()
-
-
-@ray.remote(num_cpus=0)
-def update_merged_remote(
-    merger: Any, merged: np.ndarray, recipes: list[dict], *population: np.ndarray
-) -> np.ndarray:
-    """``merged + sum_i A_i (u_i - theta_i)`` for accepted recipes (linear in each individual)."""
-    pop = [_as_tensor(a) for a in population]
-    out = _as_tensor(merged).to(torch.float32, copy=True)
-    for r in recipes:
-        recipe = Recipe.from_dict(r)
-        u = build_offspring(recipe, pop)
-        merger.apply_delta(out, recipe.target, u.float() - pop[recipe.target].float())
-    return out.numpy()
 
 
 class WorkerPool:
@@ -87,19 +46,34 @@ class WorkerPool:
         self.spec = spec
         self.actors = [actor.remote(spec) for _ in range(num_workers)]
         self._pool = ActorPool(self.actors)
-        self._state: list[tuple[str, tuple]] = []
+        self._next = 0
+
+    def submit(self, method: str, *args: Any) -> ray.ObjectRef:
+        """Run one call on the next worker in turn; the result stays in the object store."""
+        actor = self.actors[self._next % len(self.actors)]
+        self._next += 1
+        return getattr(actor, method).remote(*args)
 
     def broadcast(self, method: str, *args: Any) -> list[Any]:
         """Call ``method`` on every worker (refs in args resolve to zero-copy arrays there)."""
         return ray.get([getattr(a, method).remote(*args) for a in self.actors])
 
-    def evaluate_recipes(self, recipes: Sequence[Recipe], *, merged: bool) -> list[dict]:
-        """Results in recipe order; workers take the next recipe as they free up."""
-        return list(
-            self._pool.map(
-                lambda a, r: a.evaluate_recipe.remote(r.to_dict(), merged), list(recipes)
-            )
-        )
+    def evaluate_recipes(
+        self, recipes: Sequence[Recipe], population: Sequence[ray.ObjectRef], *, merged: bool
+    ) -> list[dict]:
+        """Results in recipe order. Recipes are dealt round-robin, one call per worker, with
+        the population passed along (refs: nothing is copied), so a generation costs one round
+        trip per worker; offspring of one generation cost about the same to evaluate."""
+        w = len(self.actors)
+        calls = [
+            a.evaluate_batch.remote([r.to_dict() for r in recipes[i::w]], merged, *population)
+            for i, a in enumerate(self.actors)
+        ]
+        per_worker = ray.get(calls)
+        out: list[dict] = [{}] * len(recipes)
+        for i, results in enumerate(per_worker):
+            out[i::w] = results
+        return out
 
     def evaluate_vectors(self, refs: Sequence[ray.ObjectRef], split: str = "dev") -> list[dict]:
         return list(self._pool.map(lambda a, ref: a.evaluate_vector.remote(ref, split), list(refs)))

@@ -166,6 +166,13 @@ class OffspringWorker:
             "pid": self.pid,
         }
 
+    def evaluate_batch(
+        self, recipes: list[dict], merged: bool, *population: np.ndarray
+    ) -> list[dict[str, Any]]:
+        """Adopt ``population`` and evaluate several recipes: one round trip per generation."""
+        self.set_population(*population)
+        return [self.evaluate_recipe(r, merged) for r in recipes]
+
     def evaluate_vector(self, flat: np.ndarray, split: str = "dev") -> dict[str, Any]:
         """Score a given flat vector (an initial individual, or the merged model)."""
         t0 = time.perf_counter()
@@ -192,8 +199,45 @@ class OffspringWorker:
         data = self.spec.tasks.splits(self._tokenizer, base, ood=ood)
         return {n: s.to(self.device) for n, s in data.items()}
 
+    # -- population updates, run here so no extra processes start and no weights reach the driver
+
+    def load(self, path: str, allow_pickle: bool = False) -> np.ndarray:
+        """One checkpoint as a flat vector (returned into the object store)."""
+        from evoray.checkpoint import open_checkpoint
+        from evoray.weight_space import flatten
+
+        with open_checkpoint(path, allow_pickle=allow_pickle) as ckpt:
+            return flatten(ckpt, self.spec.layout).data
+
+    def build(self, recipe: dict, *population: np.ndarray) -> np.ndarray:
+        """An accepted offspring, rebuilt from the population it was bred from."""
+        pop = [_as_tensor(a) for a in population]
+        return _to_numpy(build_offspring(Recipe.from_dict(recipe), pop))
+
+    def merge(self, merger: Any, *population: np.ndarray) -> np.ndarray:
+        """The merged model of a population, as a float32 flat vector."""
+        return merger.merge([_as_tensor(a) for a in population]).float().numpy()
+
+    def update_merged(
+        self, merger: Any, merged: np.ndarray, recipes: list[dict], *population: np.ndarray
+    ) -> np.ndarray:
+        """``merged + sum_i A_i (u_i - theta_i)`` over accepted recipes (linear per individual)."""
+        pop = [_as_tensor(a) for a in population]
+        out = _as_tensor(merged).to(torch.float32, copy=True)
+        for d in recipes:
+            r = Recipe.from_dict(d)
+            u = build_offspring(r, pop)
+            merger.apply_delta(out, r.target, u.float() - pop[r.target].float())
+        return out.numpy()
+
     def ping(self) -> dict[str, Any]:
         return {"node": self.node, "pid": self.pid, "device": str(self.device)}
+
+
+def _to_numpy(t: torch.Tensor) -> np.ndarray:
+    """Storage-dtype numpy array of a tensor (bfloat16 as its uint16 bit pattern)."""
+    t = t.detach().cpu().contiguous()
+    return t.view(torch.uint16).numpy() if t.dtype == torch.bfloat16 else t.numpy()
 
 
 def _as_tensor(arr: np.ndarray) -> torch.Tensor:
