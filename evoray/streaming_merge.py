@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +43,7 @@ class MergePlan:
     n_layers: int
     out_dtype: torch.dtype
     seed: int = 0
+    _scratch: torch.Tensor | None = field(default=None, repr=False)
 
     def parameters(self, tensor_name: str) -> tuple[list[dict[str, Any]], dict[str, Any]]:
         """Per-model and global parameter values for one tensor (gradients and filters applied)."""
@@ -63,14 +64,23 @@ class MergePlan:
         return model_params, params
 
     def merge_tensor(self, name: str) -> torch.Tensor:
-        """Read one tensor from every input, merge it, return it in the output dtype."""
+        """Read one tensor from every input, merge it, return it in the output dtype.
+
+        The float32 result goes into one scratch buffer reused for every tensor (a fresh
+        allocation per tensor costs as much in page faults as the merge itself), so the
+        returned tensor is only valid until the next call: the writer copies it.
+        """
         model_params, params = self.parameters(name)
         base = self._read(self.base, name) if self.base is not None else None
         tensors = [self._read(c, name) for c in self.models]
-        out = self.method.merge(
-            tensors, base, model_params, params, seed=self.seed, tensor_name=name
+        slot = self.layout.slot(name)
+        if self._scratch is None:
+            self._scratch = torch.empty(max(s.numel for s in self.layout.slots))
+        out = self._scratch[: slot.numel].view(slot.shape)
+        merged = self.method.merge(
+            tensors, base, model_params, params, seed=self.seed, tensor_name=name, out=out
         )
-        return out.to(self.out_dtype)
+        return merged.to(self.out_dtype)
 
     def _read(self, ckpt: Checkpoint, name: str) -> torch.Tensor:
         t = ckpt.get(name)
