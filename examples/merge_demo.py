@@ -34,28 +34,27 @@ def recipes(base: str, experts: list[str]) -> dict[str, dict]:
         "task_arithmetic": {
             "merge_method": "task_arithmetic",
             "base_model": base,
-            "models": models(weight=0.7),
+            "models": models(weight=0.4),
         },
         "ties": {
             "merge_method": "ties",
             "base_model": base,
-            "models": models(weight=1.0, density=0.5),
-            "parameters": {"normalize": False, "lambda": 0.7},
+            "models": models(weight=1.0, density=0.5),  # normalize: true (mergekit's default)
         },
         "dare_ties": {
             "merge_method": "dare_ties",
             "base_model": base,
-            "models": models(weight=0.7, density=0.5),
+            "models": models(weight=0.4, density=0.5),
         },
         "dare_linear": {
             "merge_method": "dare_linear",
             "base_model": base,
-            "models": models(weight=0.7, density=0.5),
+            "models": models(weight=0.4, density=0.5),
         },
         "breadcrumbs": {
             "merge_method": "breadcrumbs",
             "base_model": base,
-            "models": models(weight=0.7, density=0.8, gamma=0.02),
+            "models": models(weight=0.4, density=0.8, gamma=0.02),
         },
         "model_stock": {"merge_method": "model_stock", "base_model": base, "models": models()},
         "slerp (first two)": {
