@@ -73,7 +73,10 @@ def _cmd_run(args: argparse.Namespace) -> int:
     if args.run_dir:
         config = replace(config, run_dir=args.run_dir)
     if args.generations is not None:
-        config = replace(config, evolver={**config.evolver, "generations": args.generations})
+        key = {"evolver": "generations", "kinship_greedy": "max_generations"}.get(
+            config.strategy, "rounds"
+        )
+        config = replace(config, settings={**config.settings, key: args.generations})
     ensure_ray(args.address, args.num_cpus)
     shared = prepare(config)
     summaries = run_search(config, shared=shared, resume=args.resume, progress=not args.quiet)
@@ -138,7 +141,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     r.add_argument("config", help="e.g. search_spaces/evolver.yaml")
     r.add_argument("--run-dir", type=Path, default=None, help="override output.run_dir")
-    r.add_argument("--generations", type=int, default=None, help="override evolver.generations")
+    r.add_argument(
+        "--generations",
+        type=int,
+        default=None,
+        help="override the strategy's generations (max_generations, rounds)",
+    )
     r.add_argument("--resume", action="store_true", help="continue an interrupted run in run_dir")
     r.add_argument(
         "--address", default=None, help="Ray cluster address (default: RAY_ADDRESS or local)"

@@ -35,6 +35,19 @@ def _mean(scores: dict[str, dict[str, float]], metric: str = "accuracy") -> floa
     return sum(vals) / len(vals) if vals else float("nan")
 
 
+def run_label(summary: dict[str, Any]) -> str:
+    """A short name for a run: strategy and the settings that tell runs apart."""
+    st, strategy = summary["settings"], summary.get("strategy", "evolver")
+    if strategy == "evolver":
+        mode = "individual" if st["merger"] == "none" else f"+{st['merger']}"
+        return f"Evolver F={st['F']:.2g} CR={st['CR']:.2g} {mode}"
+    if strategy == "kinship_greedy":
+        return f"kinship greedy k={st['k']} {st['operator']}"
+    return f"recipe search {st['method']} {st['sampler']}" + (
+        " per-layer" if st["per_layer"] else ""
+    )
+
+
 def run_table(
     shared: Shared, summaries: Sequence[dict[str, Any]], *, metric: str = "accuracy"
 ) -> str:
@@ -43,23 +56,21 @@ def run_table(
     for path, s in member_test_scores(shared).items():
         rows.append((f"expert {path.rstrip('/').split('/')[-1]}", s["test"], s.get("ood", {})))
     for s in summaries:
-        merger = s["settings"]["merger"]
         init = s.get("initial", {}).get("merged_scores")
         if init:
+            merger = s["settings"]["merger"]
             rows.append((f"{merger} merge (no evolution)", init["test"], init.get("ood", {})))
     for s in summaries:
-        st = s["settings"]
-        label = f"Evolver F={st['F']:.2g} CR={st['CR']:.2g} " + (
-            "individual" if st["merger"] == "none" else f"+{st['merger']}"
-        )
-        rows.append((label, s["test"]["test"], s["test"].get("ood", {})))
+        rows.append((run_label(s), s["test"]["test"], s["test"].get("ood", {})))
     tasks = list(rows[0][1]) if rows else []
     ood = list(rows[0][2]) if rows else []
-    head = ["model", *tasks, "in-domain", *[f"ood:{t}" for t in ood], "OOD"]
+    head = ["model", *tasks, "in-domain", *[f"ood:{t}" for t in ood], "OOD", "dev evals"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    evals = {run_label(s): s.get("evaluations") for s in summaries}
     for label, test, oods in rows:
         cells = [f"{test[t][metric]:.3f}" for t in tasks] + [f"{_mean(test, metric):.3f}"]
         cells += [f"{oods[t][metric]:.3f}" for t in ood]
         cells += [f"{_mean(oods, metric):.3f}" if oods else "-"]
+        cells += [str(evals[label]) if evals.get(label) is not None else "-"]
         lines.append("| " + " | ".join([label, *cells]) + " |")
     return "\n".join(lines)

@@ -18,9 +18,23 @@ import yaml
 
 from evoray.errors import ConfigError
 from evoray.evolution.evolver import EvolverSettings
+from evoray.evolution.greedy import GreedySettings
 
-STRATEGIES = ("evolver",)
-TOP_KEYS = ("strategy", "models", "tasks", "evolver", "search", "execution", "output")
+# strategy name -> its settings dataclass; the config section of the same name holds them.
+STRATEGIES: dict[str, type] = {
+    "evolver": EvolverSettings,
+    "kinship_greedy": GreedySettings,
+    "recipe_search": None,  # filled lazily (imports optuna)
+}
+TOP_KEYS = ("strategy", "models", "tasks", *STRATEGIES, "search", "execution", "output")
+
+
+def settings_class(strategy: str) -> type:
+    if strategy == "recipe_search":
+        from evoray.execution.recipe_run import RecipeSettings
+
+        return RecipeSettings
+    return STRATEGIES[strategy]
 
 
 @dataclass(frozen=True)
@@ -53,7 +67,7 @@ class RunConfig:
     strategy: str
     models: ModelsSpec
     tasks: dict[str, Any]
-    evolver: dict[str, Any]
+    settings: dict[str, Any]  # the strategy's section
     search: SearchSpec
     execution: ExecutionSpec
     run_dir: Path
@@ -77,7 +91,14 @@ class RunConfig:
         _check_keys(data, TOP_KEYS, source, "")
         strategy = data.get("strategy", "evolver")
         if strategy not in STRATEGIES:
-            raise ConfigError(f"{source}: strategy: unknown {strategy!r}; supported: {STRATEGIES}")
+            raise ConfigError(
+                f"{source}: strategy: unknown {strategy!r}; supported: {', '.join(STRATEGIES)}"
+            )
+        for other in STRATEGIES:
+            if other != strategy and other in data:
+                raise ConfigError(
+                    f"{source}: '{other}' settings given but strategy is {strategy!r}"
+                )
         models = _section(data, "models", source)
         _check_keys(models, ("zoo", "base", "members"), source, "models.")
         if "zoo" in models and ("members" in models or "base" in models):
@@ -91,9 +112,10 @@ class RunConfig:
             base=models.get("base"),
             members=tuple(models.get("members") or ()),
         )
-        evolver = _section(data, "evolver", source)
-        names = [f.name for f in fields(EvolverSettings)]
-        _check_keys(evolver, names, source, "evolver.")
+        cls_ = settings_class(strategy)
+        own = _section(data, strategy, source)
+        names = [f.name for f in fields(cls_)]
+        _check_keys(own, names, source, f"{strategy}.")
         search = _section(data, "search", source)
         _check_keys(search, ("grid", "optuna"), source, "search.")
         grid = dict(search.get("grid") or {})
@@ -107,9 +129,9 @@ class RunConfig:
             _check_optuna(optuna, source)
         for combo in _grid(grid) or [{}]:
             try:
-                EvolverSettings(**{**evolver, **combo})
+                cls_(**_tuples({**own, **combo}))
             except (TypeError, ValueError) as exc:
-                raise ConfigError(f"{source}: {exc}") from None
+                raise ConfigError(f"{source}: {strategy}: {exc}") from None
         execution = _section(data, "execution", source)
         exec_names = [f.name for f in fields(ExecutionSpec)]
         _check_keys(execution, exec_names, source, "execution.")
@@ -120,7 +142,7 @@ class RunConfig:
             strategy=strategy,
             models=models_spec,
             tasks=dict(tasks),
-            evolver=dict(evolver),
+            settings=dict(own),
             search=SearchSpec(grid=grid, optuna=optuna),
             execution=ExecutionSpec(**execution),
             run_dir=Path(output.get("run_dir", "runs/evolver")),
@@ -128,8 +150,17 @@ class RunConfig:
         )
 
     def trial_settings(self) -> list[dict[str, Any]]:
-        """The evolver settings of every grid trial (defaults merged with each combination)."""
-        return [{**self.evolver, **combo} for combo in (_grid(self.search.grid) or [{}])]
+        """The strategy settings of every grid trial (defaults merged with each combination)."""
+        return [{**self.settings, **combo} for combo in (_grid(self.search.grid) or [{}])]
+
+    def make_settings(self, values: dict[str, Any]) -> Any:
+        """The strategy's settings object from a trial's values."""
+        return settings_class(self.strategy)(**_tuples(values))
+
+
+def _tuples(values: dict[str, Any]) -> dict[str, Any]:
+    """YAML lists -> tuples for range settings (e.g. recipe_search.weight_range)."""
+    return {k: tuple(v) if k.endswith("_range") else v for k, v in values.items()}
 
 
 def _check_optuna(optuna: Any, source: str) -> None:
@@ -144,9 +175,10 @@ def _check_optuna(optuna: Any, source: str) -> None:
     if not isinstance(space, Mapping) or not space:
         raise ConfigError(f"{source}: search.optuna.space: map settings to [low, high] ranges")
     for key, rng in space.items():
-        if key not in ("F", "CR", "regmean_alpha"):
+        if key not in ("F", "CR", "regmean_alpha", "t", "weight", "density"):
             raise ConfigError(
-                f"{source}: search.optuna.space.{key}: only F, CR and regmean_alpha are searched"
+                f"{source}: search.optuna.space.{key}: only numeric settings are searched "
+                "(F, CR, regmean_alpha; t, weight, density)"
             )
         ok = isinstance(rng, list) and len(rng) == 2
         if not ok or not all(isinstance(v, int | float) for v in rng) or rng[0] >= rng[1]:

@@ -117,3 +117,48 @@ def test_state_round_trip_and_settings_validation():
     for bad in ({"CR": 0}, {"F": 3}, {"merger": "ties"}, {"mutation": "x"}, {"generations": -1}):
         with pytest.raises(ValueError):
             EvolverSettings(**bad)
+
+
+# --- kinship-guided greedy merging -------------------------------------------------------------
+
+
+def greedy_state(fitness, k=2, parents=None):
+    from evoray.evolution.greedy import Candidate, GreedySettings, GreedyState
+
+    parents = parents or {}
+    cands = [Candidate(i, parents.get(i, ()), fitness=f) for i, f in enumerate(fitness)]
+    st = GreedyState(GreedySettings(k=k), cands)
+    st.top = st.rank()
+    return st
+
+
+def test_greedy_first_generation_merges_all_initial_pairs():
+    st = greedy_state([0.5, 0.6, 0.4])
+    assert st.pairs_to_merge() == [(0, 1), (0, 2), (1, 2)]
+    assert st.top == [1, 0]
+
+
+def test_greedy_later_generations_merge_unmerged_top_pairs_and_explore():
+    # 0..2 initial; 3 = merge(0, 1), 4 = merge(0, 2), 5 = merge(1, 2)
+    st = greedy_state(
+        [0.5, 0.6, 0.4, 0.7, 0.65, 0.3], k=3, parents={3: (0, 1), 4: (0, 2), 5: (1, 2)}
+    )
+    st.generation = 1
+    assert st.top == [3, 4, 1]
+    assert st.pairs_to_merge() == [(1, 3), (1, 4), (3, 4)]
+    in_top, fresh = st.exploration_candidates()
+    assert in_top == [4, 1] and set(fresh) == {0, 1, 2, 4, 5}
+    added = st.add((3, 4))
+    assert added.id == 6 and added.generation == 2
+
+
+def test_greedy_rank_ties_and_round_trip():
+    from evoray.evolution.greedy import GreedyState
+
+    st = greedy_state([0.5, 0.5, 0.5], k=2)
+    assert st.top == [0, 1]
+    assert GreedyState.from_dict(st.to_dict()) == st
+    with pytest.raises(ValueError):
+        from evoray.evolution.greedy import GreedySettings
+
+        GreedySettings(operator="dare")

@@ -6,6 +6,7 @@ import json
 from dataclasses import replace
 
 import pytest
+import torch
 import yaml
 from transformers import AutoModelForSequenceClassification
 
@@ -112,3 +113,47 @@ def test_optuna_searches_F_and_CR_across_runs(tmp_path, small_zoo, ray_local):
     values = [s["settings"]["F"] for s in summaries]
     assert len(values) == 2 and all(0.3 <= v <= 0.9 for v in values)
     assert values[0] != values[1]
+
+
+def test_kinship_greedy_run(tmp_path, small_zoo, ray_local):
+    from evoray.execution.tune_runner import run_search
+
+    data = small_config(tmp_path, small_zoo.root.parent)
+    del data["evolver"]
+    data["strategy"] = "kinship_greedy"
+    data["kinship_greedy"] = {"k": 2, "operator": "slerp", "max_generations": 2}
+    (summary,) = run_search(RunConfig.from_dict(data), progress=False)
+    log = read_log(tmp_path / "run" / "runs" / summary["trial"])
+    n = len(small_zoo.experts)
+    first = log[log.generation == 0]
+    assert len(first) == n * (n - 1) // 2  # every pair of experts
+    assert all(len(p) == 2 for p in log.parents)
+    assert log.kinship_to_parent.between(-1, 1).all()
+    assert summary["evaluations"] == n + len(log)
+    assert summary["strategy"] == "kinship_greedy"
+
+
+def test_recipe_search_exports_a_mergekit_recipe_that_reproduces_the_model(
+    tmp_path, small_zoo, ray_local
+):
+    from safetensors.torch import load_file
+
+    from evoray.config import MergeConfig
+    from evoray.execution.tune_runner import run_search
+    from evoray.streaming_merge import merge_to_folder
+
+    data = small_config(tmp_path, small_zoo.root.parent)
+    del data["evolver"]
+    data["strategy"] = "recipe_search"
+    data["recipe_search"] = {"method": "ties", "sampler": "tpe", "rounds": 2, "batch_size": 2}
+    (summary,) = run_search(RunConfig.from_dict(data), progress=False)
+    trial = tmp_path / "run" / "runs" / summary["trial"]
+    assert len(read_log(trial)) == 4 and summary["evaluations"] == 4
+    recipe = yaml.safe_load((trial / "recipe.yml").read_text())
+    assert recipe["merge_method"] == "ties" and len(recipe["models"]) == len(small_zoo.experts)
+    again = merge_to_folder(MergeConfig.from_yaml(trial / "recipe.yml"), tmp_path / "again")
+    found = load_file(str(trial / "model" / "model.safetensors"))
+    rebuilt = load_file(str(again / "model.safetensors"))
+    assert found.keys() == rebuilt.keys()
+    for name in found:
+        torch.testing.assert_close(found[name], rebuilt[name])

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -91,7 +91,9 @@ def compute_statistics(
 
 
 class EvolverRun:
-    """Drives one run; ``on_generation`` gets (state, metrics) after every generation."""
+    """Drives one Evolver run on a worker pool."""
+
+    strategy = "evolver"
 
     def __init__(
         self,
@@ -271,18 +273,19 @@ class EvolverRun:
             return self.merged_ref
         return self.refs[state.best_individual]
 
-    def test_scores(self, ref: ray.ObjectRef) -> dict[str, dict[str, float]]:
-        """In-domain test and OOD test scores of one vector (for the final report only)."""
-        (test,) = self.pool.evaluate_vectors([ref], split="test")
-        out = {"test": test["scores"]}
-        if self.inputs.tasks.n_ood:
-            (ood,) = self.pool.evaluate_vectors([ref], split="ood-test")
-            out["ood"] = ood["scores"]
-        return out
+    def test_scores(self, ref: ray.ObjectRef) -> dict[str, dict[str, dict[str, float]]]:
+        return test_scores(self.pool, self.inputs, ref)
+
+
+def test_scores(pool: WorkerPool, inputs: RunInputs, ref: ray.ObjectRef) -> dict:
+    """In-domain test and OOD test scores of one vector (for the final report only)."""
+    (test,) = pool.evaluate_vectors([ref], split="test")
+    out = {"test": test["scores"]}
+    if inputs.tasks.n_ood:
+        (ood,) = pool.evaluate_vectors([ref], split="ood-test")
+        out["ood"] = ood["scores"]
+    return out
 
 
 def _flat_scores(scores: dict[str, dict[str, float]]) -> dict[str, float]:
     return {f"{task}/{metric}": v for task, m in scores.items() for metric, v in m.items()}
-
-
-OnGeneration = Callable[[EvolverState, dict[str, Any]], None]

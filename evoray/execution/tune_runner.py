@@ -1,5 +1,8 @@
 """Ray Tune drives search runs: one trial per run, one Tune iteration per generation.
 
+All strategies (Evolver, kinship-guided greedy merging, recipe search) share one trainable: a
+run object with ``start(state)``, ``step(state)``, ``final_ref(state)`` and ``test_scores``.
+
 Each trial reserves its workers up front (a ``PlacementGroupFactory``: one bundle for the trial
 itself, one per worker) so trials that start actors never deadlock the cluster. A trial's
 checkpoint is its ``EvolverState`` (fitness and accepted recipes, a few KB), which is all
@@ -19,7 +22,7 @@ from typing import Any
 import ray
 from ray import tune
 
-from evoray.evolution.evolver import EvolverSettings, EvolverState
+from evoray.evolution.evolver import EvolverState
 from evoray.execution.evolver_run import EvolverRun, RunInputs
 from evoray.execution.pool import WorkerPool, flat_from_ref
 from evoray.execution.worker import TaskSpec, WorkerSpec
@@ -94,12 +97,31 @@ def prepare(config: RunConfig) -> Shared:
     )
 
 
-def evolver_trainable(config: dict[str, Any], shared: Shared) -> None:
-    """One Evolver run as a Tune trial."""
+def _make_run(strategy: str, values: dict[str, Any], shared: Shared, pool, run_log, name):
+    """The run object and state class of a strategy (same start/step/final_ref interface)."""
+    from evoray.run_config import settings_class
+
+    settings = settings_class(strategy)(**values)
+    if strategy == "evolver":
+        return EvolverRun(settings, shared.inputs, pool, run_log=run_log, run_id=name), EvolverState
+    if strategy == "kinship_greedy":
+        from evoray.evolution.greedy import GreedyState
+        from evoray.execution.greedy_run import GreedyRun
+
+        return GreedyRun(settings, shared.inputs, pool, run_log=run_log, run_id=name), GreedyState
+    from evoray.execution.recipe_run import RecipeRun, RecipeState
+
+    return RecipeRun(settings, shared.inputs, pool, run_log=run_log, run_id=name), RecipeState
+
+
+def search_trainable(config: dict[str, Any], shared: Shared) -> None:
+    """One search run (any strategy) as a Tune trial: one Tune iteration per generation."""
+    from evoray.run_config import _tuples
     from evoray.runlog import RunLog
 
-    settings = EvolverSettings(**config["evolver"])
-    name = tune.get_context().get_trial_id() or "evolver"
+    strategy = config["strategy"]
+    values = _tuples(config["settings"])
+    name = tune.get_context().get_trial_id() or strategy
     trial_dir = Path(shared.run_dir) / "runs" / name
     pool = WorkerPool(
         shared.worker,
@@ -107,33 +129,40 @@ def evolver_trainable(config: dict[str, Any], shared: Shared) -> None:
         num_cpus=shared.cpus_per_worker,
         num_gpus=shared.gpus_per_worker,
     )
-    run_log = RunLog(trial_dir, run_id=name, strategy="evolver")
-    run = EvolverRun(settings, shared.inputs, pool, run_log=run_log, run_id=name)
+    run_log = RunLog(trial_dir, run_id=name, strategy=strategy)
+    run, state_cls = _make_run(strategy, values, shared, pool, run_log, name)
     state = None
     checkpoint = tune.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as d:
-            state = EvolverState.from_dict(json.loads((Path(d) / STATE_FILE).read_text()))
+            state = state_cls.from_dict(json.loads((Path(d) / STATE_FILE).read_text()))
     resumed = state is not None
     state = run.start(state)
     if not resumed:
-        initial = {"fitness": state.fitness, "merged_fitness": state.merged_fitness}
-        if settings.merger_mode:
-            initial["merged_scores"] = run.test_scores(run.merged_ref)
         trial_dir.mkdir(parents=True, exist_ok=True)
+        initial: dict[str, Any] = {}
+        if strategy == "evolver":
+            initial = {"fitness": state.fitness, "merged_fitness": state.merged_fitness}
+            if run.settings.merger_mode:
+                initial["merged_scores"] = run.test_scores(run.merged_ref)
         (trial_dir / "initial.json").write_text(json.dumps(initial, indent=2))
+    reported = False
     while not state.done:
-        _maybe_fail_for_test(shared, trial_dir, state.generation)
+        _maybe_fail_for_test(shared, trial_dir, _generation(state))
         metrics = run.step(state)
-        final = state.done
-        if final:
-            metrics.update(_finish(run, state, settings, trial_dir))
+        if state.done:
+            metrics.update(_finish(run, state, trial_dir))
         with tempfile.TemporaryDirectory() as d:
             (Path(d) / STATE_FILE).write_text(json.dumps(state.to_dict()))
             tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(d))
-    if settings.generations == 0:
-        tune.report(_finish(run, state, settings, trial_dir))
+        reported = True
+    if not reported:  # nothing to run (e.g. generations: 0), or restored after the last one
+        tune.report(_finish(run, state, trial_dir))
     pool.shutdown()
+
+
+def _generation(state) -> int:
+    return getattr(state, "generation", getattr(state, "round", 0))
 
 
 def _maybe_fail_for_test(shared: Shared, trial_dir: Path, generation: int) -> None:
@@ -145,21 +174,34 @@ def _maybe_fail_for_test(shared: Shared, trial_dir: Path, generation: int) -> No
         raise RuntimeError(f"injected failure before generation {generation}")
 
 
-def _finish(
-    run: EvolverRun, state: EvolverState, settings: EvolverSettings, trial_dir: Path
-) -> dict:
-    """Test scores of the answer and the answer itself, saved as an HF folder."""
+def _finish(run, state, trial_dir: Path) -> dict:
+    """Test scores of the run's answer, the answer as an HF folder, and a summary."""
     ref = run.final_ref(state)
     scores = run.test_scores(ref)
     summary = {
-        "settings": asdict(settings),
-        "generations": state.generation,
+        "strategy": run.strategy,
+        "settings": asdict(run.settings),
+        "generations": _generation(state),
         "best_dev_fitness": state.best_fitness,
+        "evaluations": _evaluations(run, state),
         "test": scores,
     }
+    if hasattr(run, "mergekit_yaml"):
+        summary["mergekit_yaml"] = run.mergekit_yaml(state)
+        (trial_dir / "recipe.yml").write_text(summary["mergekit_yaml"])
     save_vector(ref, run.layout, run.pool.spec.model_path, trial_dir / "model", summary)
     (trial_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     return {"test_mean": _mean(scores["test"]), "ood_mean": _mean(scores.get("ood", {}))}
+
+
+def _evaluations(run, state) -> int:
+    """Dev evaluations a run used (the budget the strategies are compared on)."""
+    if run.strategy == "evolver":
+        n = state.pop_size
+        return n * (state.generation + 1) + (1 if run.settings.merger_mode else 0)
+    if run.strategy == "kinship_greedy":
+        return len(state.candidates)
+    return len(state.trials)
 
 
 def _mean(scores: dict[str, dict[str, float]], metric: str = "accuracy") -> float | None:
@@ -203,10 +245,10 @@ def run_search(
         {"CPU": ex.cpus_per_worker, **({"GPU": ex.gpus_per_worker} if ex.gpus_per_worker else {})}
     ] * ex.num_workers
     trainable = tune.with_resources(
-        tune.with_parameters(evolver_trainable, shared=shared), PlacementGroupFactory(bundles)
+        tune.with_parameters(search_trainable, shared=shared), PlacementGroupFactory(bundles)
     )
     storage = str(Path(shared.run_dir) / "tune")
-    name = "evolver"
+    name = config.strategy
     if resume and tune.Tuner.can_restore(str(Path(storage) / name)):
         tuner = tune.Tuner.restore(str(Path(storage) / name), trainable, resume_errored=True)
     else:
@@ -236,20 +278,20 @@ def run_search(
 def _search_space(config: RunConfig):
     ex = config.execution
     grid = {k: tune.grid_search(v) for k, v in config.search.grid.items()}
-    evolver = {**config.evolver, **grid}
+    settings = {**config.settings, **grid}
     tune_config = tune.TuneConfig(max_concurrent_trials=ex.max_concurrent_trials)
     opt = config.search.optuna
     if opt:
         from ray.tune.search.optuna import OptunaSearch
 
         space = {k: tune.uniform(lo, hi) for k, (lo, hi) in opt.get("space", {}).items()}
-        evolver.update(space)
+        settings.update(space)
         tune_config = tune.TuneConfig(
             search_alg=OptunaSearch(metric="best_fitness", mode="max", seed=opt.get("seed", 0)),
             num_samples=opt.get("num_samples", 4),
             max_concurrent_trials=ex.max_concurrent_trials,
         )
-    return {"evolver": evolver}, tune_config
+    return {"strategy": config.strategy, "settings": settings}, tune_config
 
 
 def _collect(trial_dir: Path) -> dict:

@@ -230,6 +230,63 @@ class OffspringWorker:
             merger.apply_delta(out, r.target, u.float() - pop[r.target].float())
         return out.numpy()
 
+    # -- merges of flat vectors (kinship-guided greedy merging, recipe search) -----------------
+
+    def merge_vector(
+        self,
+        method: str,
+        model_settings: list[dict],
+        settings: dict,
+        base: np.ndarray | None,
+        *members: np.ndarray,
+    ) -> np.ndarray:
+        """Merge flat vectors with a registered method; the result goes to the object store."""
+        self._merge_into_buffer(method, model_settings, settings, base, members)
+        return _to_numpy(self.buffer)
+
+    def merge_and_evaluate(
+        self,
+        method: str,
+        model_settings: list[dict],
+        settings: dict,
+        base: np.ndarray | None,
+        *members: np.ndarray,
+    ) -> dict[str, Any]:
+        """Merge into this worker's model and score it on dev (the merge is not kept)."""
+        t0 = time.perf_counter()
+        self._merge_into_buffer(method, model_settings, settings, base, members)
+        t1 = time.perf_counter()
+        scores = self.scores()
+        return {
+            "scores": scores,
+            "fitness": fitness_of(scores, self.spec.metric),
+            "build_time_s": t1 - t0,
+            "eval_time_s": time.perf_counter() - t1,
+            "node": self.node,
+            "device": str(self.device),
+        }
+
+    def _merge_into_buffer(self, method, model_settings, settings, base, members) -> None:
+        from evoray.config import num_layers
+        from evoray.merge.flat import merge_flat
+
+        layout = self.spec.layout
+        merged = merge_flat(
+            method,
+            layout,
+            [_as_tensor(m) for m in members],
+            None if base is None else _as_tensor(base),
+            model_settings,
+            settings,
+            n_layers=num_layers(self.model.config.to_dict(), layout.names),
+            out=torch.empty(layout.numel, dtype=layout.storage_dtype),
+        )
+        self.buffer.copy_(merged)
+
+    def kinship(self, base: np.ndarray, a: np.ndarray, b: np.ndarray) -> dict[str, float]:
+        """Kinship (Pearson, cosine, Euclidean) of two vectors' deltas from the base."""
+        return kinship_flat(_as_tensor(a), _as_tensor(b), _as_tensor(base)).as_dict()
+
     def ping(self) -> dict[str, Any]:
         return {"node": self.node, "pid": self.pid, "device": str(self.device)}
 

@@ -1,0 +1,249 @@
+"""Recipe search: Optuna samplers (CMA-ES, TPE) over a merge method's per-model parameters.
+
+The baseline users know from mergekit-evolve and Sakana's evolutionary merging: search the
+weights (and densities) of a merge recipe, optionally one value per layer, scoring each recipe
+by merging and evaluating on dev. Tune costs about a second per trial, far more than one
+recipe's evaluation, so a Tune trial is one whole search and the Optuna study runs inside it
+with ask/tell, a batch of recipes per Tune iteration evaluated in parallel on the worker pool.
+(Tune's ``OptunaSearch`` stays available one level up, across runs: ``search.optuna``.)
+
+The state is the list of evaluated recipes; on resume they are told to a fresh study again, so
+the search continues from its history (not bit-identical to an uninterrupted CMA-ES run).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from typing import Any
+
+import optuna
+import ray
+import yaml
+
+from evoray.config import num_layers
+from evoray.errors import ConfigError
+from evoray.execution.evolver_run import RunInputs, _flat_scores, test_scores
+from evoray.execution.pool import WorkerPool
+from evoray.merge.registry import get_method
+
+SAMPLERS = ("cmaes", "tpe")
+SPARSIFYING = ("ties", "dare_linear", "dare_ties", "breadcrumbs", "breadcrumbs_ties")
+
+
+@dataclass(frozen=True)
+class RecipeSettings:
+    """What to search: a method's per-model weight (and density), per model or per layer."""
+
+    method: str = "task_arithmetic"
+    sampler: str = "cmaes"
+    rounds: int = 8
+    batch_size: int = 4
+    per_layer: bool = False
+    weight_range: tuple[float, float] = (0.0, 1.0)
+    density_range: tuple[float, float] = (0.1, 1.0)
+    seed: int = 0
+    metric: str = "accuracy"
+
+    def __post_init__(self) -> None:
+        if self.sampler not in SAMPLERS:
+            raise ValueError(f"recipe_search.sampler must be one of {SAMPLERS}")
+        try:
+            m = get_method(self.method)
+        except ConfigError as exc:
+            raise ValueError(f"recipe_search.method: {exc}") from None
+        if m.name in ("slerp", "model_stock"):
+            raise ValueError("recipe_search.method needs per-model weights (not slerp/model_stock)")
+        if self.rounds < 1 or self.batch_size < 1:
+            raise ValueError("recipe_search.rounds and batch_size must be >= 1")
+        for name, (lo, hi) in (("weight", self.weight_range), ("density", self.density_range)):
+            if lo >= hi:
+                raise ValueError(f"recipe_search.{name}_range: expected [low, high], low < high")
+
+    @property
+    def searches_density(self) -> bool:
+        """Only sparsifying methods use density (task_arithmetic accepts and ignores it)."""
+        return self.method in SPARSIFYING
+
+
+@dataclass
+class RecipeState:
+    settings: RecipeSettings
+    round: int = 0
+    trials: list[dict[str, Any]] = field(default_factory=list)  # params, fitness
+
+    @property
+    def done(self) -> bool:
+        return self.round >= self.settings.rounds
+
+    @property
+    def best(self) -> dict[str, Any]:
+        return max(self.trials, key=lambda t: t["fitness"])
+
+    @property
+    def best_fitness(self) -> float:
+        return self.best["fitness"] if self.trials else float("-inf")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"settings": asdict(self.settings), "round": self.round, "trials": self.trials}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> RecipeState:
+        st = dict(d["settings"])
+        st["weight_range"] = tuple(st["weight_range"])
+        st["density_range"] = tuple(st["density_range"])
+        return cls(RecipeSettings(**st), d["round"], list(d["trials"]))
+
+
+class RecipeRun:
+    """One recipe search on a worker pool."""
+
+    strategy = "recipe_search"
+
+    def __init__(
+        self,
+        settings: RecipeSettings,
+        inputs: RunInputs,
+        pool: WorkerPool,
+        *,
+        run_log: Any | None = None,
+        run_id: str = "recipe_search",
+    ) -> None:
+        method = get_method(settings.method)
+        if method.needs_base and inputs.base is None:
+            raise ConfigError(f"recipe_search with {method.name} needs models.base")
+        self.settings = settings
+        self.inputs = inputs
+        self.pool = pool
+        self.layout = pool.spec.layout
+        self.run_log = run_log
+        self.run_id = run_id
+        self.n_layers = max(1, num_layers(None, self.layout.names))
+
+    def start(self, state: RecipeState | None = None) -> RecipeState:
+        self.base_ref = (
+            self.pool.submit("load", self.inputs.base) if self.inputs.base is not None else None
+        )
+        self.refs = [self.pool.submit("load", p) for p in self.inputs.members]
+        s = self.settings
+        sampler = (
+            optuna.samplers.CmaEsSampler(seed=s.seed)
+            if s.sampler == "cmaes"
+            else optuna.samplers.TPESampler(seed=s.seed)
+        )
+        optuna.logging.set_verbosity(optuna.logging.WARNING)
+        self.study = optuna.create_study(direction="maximize", sampler=sampler)
+        self.distributions = self._distributions()
+        state = state or RecipeState(s)
+        for t in state.trials:
+            self.study.add_trial(
+                optuna.trial.create_trial(
+                    params=t["params"], distributions=self.distributions, value=t["fitness"]
+                )
+            )
+        return state
+
+    def _distributions(self) -> dict[str, optuna.distributions.BaseDistribution]:
+        s = self.settings
+        out: dict[str, optuna.distributions.BaseDistribution] = {}
+        slots = range(self.n_layers) if s.per_layer else [None]
+        for i in range(len(self.inputs.members)):
+            for layer in slots:
+                suffix = "" if layer is None else f"_l{layer}"
+                out[f"w{i}{suffix}"] = optuna.distributions.FloatDistribution(*s.weight_range)
+                if s.searches_density:
+                    out[f"d{i}{suffix}"] = optuna.distributions.FloatDistribution(*s.density_range)
+        return out
+
+    def recipe(self, params: dict[str, float]) -> list[dict[str, Any]]:
+        """Per-model parameters (per-layer values become mergekit gradients)."""
+        s = self.settings
+        per = []
+        for i in range(len(self.inputs.members)):
+
+            def value(prefix: str, i: int = i) -> Any:
+                if not s.per_layer:
+                    return params[f"{prefix}{i}"]
+                return [params[f"{prefix}{i}_l{layer}"] for layer in range(self.n_layers)]
+
+            d = {"weight": value("w")}
+            if s.searches_density:
+                d["density"] = value("d")
+            per.append(d)
+        return per
+
+    def step(self, state: RecipeState) -> dict[str, Any]:
+        s = self.settings
+        t0 = time.perf_counter()
+        asked = [self.study.ask(self.distributions) for _ in range(s.batch_size)]
+        calls = [
+            self.pool.submit(
+                "merge_and_evaluate", s.method, self.recipe(t.params), {}, self.base_ref, *self.refs
+            )
+            for t in asked
+        ]
+        results = ray.get(calls)
+        best_before = state.best_fitness
+        for t, res in zip(asked, results, strict=True):
+            self.study.tell(t, res["fitness"])
+            state.trials.append({"params": dict(t.params), "fitness": res["fitness"]})
+        self._log(state, asked, results, best_before)
+        state.round += 1
+        return {
+            "generation": state.round,
+            "best_fitness": state.best_fitness,
+            "evaluated": len(asked),
+            "evaluations": len(state.trials),
+            "generation_time_s": time.perf_counter() - t0,
+        }
+
+    def _log(self, state: RecipeState, asked, results, best_before: float) -> None:
+        if self.run_log is None:
+            return
+        best = max(r["fitness"] for r in results)
+        for t, res in zip(asked, results, strict=True):
+            self.run_log.append(
+                {
+                    "run_id": self.run_id,
+                    "strategy": self.strategy,
+                    "generation": state.round,
+                    "individual": t.number,
+                    "parents": list(range(len(self.inputs.members))),
+                    "operator": f"{self.settings.method}|{self.settings.sampler}",
+                    "seed": self.settings.seed,
+                    "scores": _flat_scores(res["scores"]),
+                    "fitness": res["fitness"],
+                    "accepted": res["fitness"] == best and best > best_before,
+                    "wall_time_s": res["build_time_s"] + res["eval_time_s"],
+                    "eval_time_s": res["eval_time_s"],
+                    "node": res["node"],
+                    "device": res["device"],
+                    "timestamp": datetime.now(timezone.utc),
+                }
+            )
+        self.run_log.commit_generation(state.round)
+
+    def final_ref(self, state: RecipeState) -> ray.ObjectRef:
+        return self.pool.submit(
+            "merge_vector",
+            self.settings.method,
+            self.recipe(state.best["params"]),
+            {},
+            self.base_ref,
+            *self.refs,
+        )
+
+    def mergekit_yaml(self, state: RecipeState) -> str:
+        """The best recipe as a mergekit config that ``evoray merge`` reproduces."""
+        config: dict[str, Any] = {"merge_method": self.settings.method}
+        if self.inputs.base is not None:
+            config["base_model"] = self.inputs.base
+        config["models"] = [
+            {"model": m, "parameters": p}
+            for m, p in zip(self.inputs.members, self.recipe(state.best["params"]), strict=True)
+        ]
+        return yaml.safe_dump(config, sort_keys=False)
+
+    def test_scores(self, ref: ray.ObjectRef) -> dict:
+        return test_scores(self.pool, self.inputs, ref)
