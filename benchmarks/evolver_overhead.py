@@ -47,9 +47,9 @@ def evoray_run(zoo, generations: int, workers: int) -> dict:
     n = 0
     original = pool.evaluate_recipes
 
-    def timed(recipes, population, merged):
+    def timed(recipes, population, merged, context=None):
         nonlocal evals, builds, n
-        results = original(recipes, population, merged=merged)
+        results = original(recipes, population, merged=merged, context=context)
         evals += sum(r["eval_time_s"] for r in results)
         builds += sum(r["build_time_s"] for r in results)
         n += len(results)

@@ -63,23 +63,54 @@ def _cmd_zoo_build(args: argparse.Namespace) -> int:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    from dataclasses import replace
+    import yaml
 
-    from evoray.execution.tune_runner import ensure_ray, prepare, run_search
-    from evoray.report import run_table
+    from evoray.errors import ConfigError
     from evoray.run_config import RunConfig
 
-    config = RunConfig.from_yaml(args.config)
+    path = Path(args.config)
+    if not path.is_file():
+        raise ConfigError(f"run config {path} not found")
+    raw = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level")
     if args.run_dir:
-        config = replace(config, run_dir=args.run_dir)
+        raw.setdefault("output", {})["run_dir"] = str(args.run_dir)
     if args.generations is not None:
+        strategy = raw.get("strategy", "evolver")
         key = {"evolver": "generations", "kinship_greedy": "max_generations"}.get(
-            config.strategy, "rounds"
+            strategy, "rounds"
         )
-        config = replace(config, settings={**config.settings, key: args.generations})
+        raw.setdefault(strategy, {})[key] = args.generations
+    config = RunConfig.from_dict(raw, source=str(path))
+    # The resolved config next to the results: `evoray resume RUN_DIR` needs nothing else.
+    raw.setdefault("output", {})["run_dir"] = str(config.run_dir.resolve())
+    config.run_dir.mkdir(parents=True, exist_ok=True)
+    snapshot = config.run_dir / "config.yml"
+    if not (args.resume and snapshot.exists()):
+        snapshot.write_text(yaml.safe_dump(raw, sort_keys=False))
+    return _run(config, args, resume=args.resume)
+
+
+def _cmd_resume(args: argparse.Namespace) -> int:
+    from evoray.errors import ConfigError
+    from evoray.run_config import RunConfig
+
+    snapshot = Path(args.run_dir) / "config.yml"
+    if not snapshot.is_file():
+        raise ConfigError(
+            f"{snapshot} not found: RUN_DIR must be the output.run_dir of an `evoray run`"
+        )
+    return _run(RunConfig.from_yaml(snapshot), args, resume=True)
+
+
+def _run(config, args: argparse.Namespace, *, resume: bool) -> int:
+    from evoray.execution.tune_runner import ensure_ray, prepare, run_search
+    from evoray.report import run_table
+
     ensure_ray(args.address, args.num_cpus)
     shared = prepare(config)
-    summaries = run_search(config, shared=shared, resume=args.resume, progress=not args.quiet)
+    summaries = run_search(config, shared=shared, resume=resume, progress=not args.quiet)
     table = run_table(shared, summaries)
     (config.run_dir / "results.md").write_text(table + "\n")
     print(table)
@@ -154,6 +185,22 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--num-cpus", type=int, default=None, help="CPUs for a local Ray (default: all)")
     r.add_argument("-q", "--quiet", action="store_true", help="less Tune output")
     r.set_defaults(func=_cmd_run)
+
+    rs = sub.add_parser(
+        "resume",
+        help="continue an interrupted `evoray run` from its last finished generation",
+    )
+    rs.add_argument("run_dir", help="the output.run_dir of the interrupted run")
+    rs.add_argument("--address", default=None, help="Ray cluster address (default: local)")
+    rs.add_argument("--num-cpus", type=int, default=None, help="CPUs for a local Ray")
+    rs.add_argument("-q", "--quiet", action="store_true", help="less Tune output")
+    rs.set_defaults(func=_cmd_resume)
+
+    from evoray.kinship_cli import add_kinship_parser
+    from evoray.report_plots import add_report_parser
+
+    add_kinship_parser(sub)
+    add_report_parser(sub)
     return parser
 
 

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import numpy as np
 import pytest
 import ray
@@ -12,7 +15,7 @@ from evoray.evolution.de import Recipe, build_offspring
 from evoray.evolution.evolver import EvolverSettings, EvolverState
 from evoray.execution.evolver_run import EvolverRun, RunInputs
 from evoray.execution.pool import WorkerPool
-from evoray.execution.worker import TaskSpec, WorkerSpec
+from evoray.execution.worker import OffspringWorker, TaskSpec, WorkerSpec
 from evoray.layout import Layout
 from evoray.weight_space import flatten
 
@@ -99,3 +102,46 @@ def test_merger_mode_improves_monotonically_and_stays_consistent(small_zoo, pool
     pop = [torch.from_numpy(np.array(ray.get(ref))) for ref in r.refs]
     incremental = torch.from_numpy(np.array(ray.get(r.merged_ref)))
     torch.testing.assert_close(merger_obj.merge(pop), incremental, rtol=1e-4, atol=1e-5)
+
+
+def crash_once_worker(marker: Path) -> type:
+    """A worker class (defined here, so Ray ships it by value) whose process dies in the
+    middle of its first batch, as a lost node would."""
+
+    class CrashOnceWorker(OffspringWorker):
+        def evaluate_batch(self, recipes, merged, context, *population):
+            if recipes and not marker.exists():
+                marker.touch()
+                super().evaluate_batch(recipes[:1], merged, context, *population)  # some work
+                os._exit(1)  # ... then the process dies before answering
+            return super().evaluate_batch(recipes, merged, context, *population)
+
+    return CrashOnceWorker
+
+
+def test_worker_crash_mid_generation_is_retried_and_nothing_lost(
+    small_zoo, pools, ray_local, tmp_path
+):
+    from evoray.runlog import RunLog, read_log
+
+    s = EvolverSettings(generations=2, seed=5, merger="average")
+    reference, pop_ref, _ = run(small_zoo, pools, s, workers=2, generations=2)
+    inputs, spec = inputs_for(small_zoo)
+    marker = tmp_path / "crashed"
+    # 0.25 CPU each: the module's other pools hold 1.5 of the 2 CPUs
+    crashing = WorkerPool(spec, 2, num_cpus=0.25, worker_cls=crash_once_worker(marker))
+    try:
+        log = RunLog(tmp_path / "run", run_id="evolver", strategy="evolver")
+        r = EvolverRun(s, inputs, crashing, run_log=log)
+        state = r.start()
+        for _ in range(2):
+            r.step(state)
+        final = [np.array(ray.get(ref)) for ref in r.refs]
+    finally:
+        crashing.shutdown()
+    assert marker.exists()  # a worker really died mid-batch
+    assert state.to_dict() == reference.to_dict()
+    assert all(np.array_equal(x, y) for x, y in zip(final, pop_ref, strict=True))
+    rows = read_log(tmp_path / "run")
+    assert len(rows) == 2 * len(small_zoo.experts)
+    assert not rows.duplicated(["generation", "individual"]).any()

@@ -113,6 +113,7 @@ class EvolverRun:
         self.refs: list[ray.ObjectRef] = []
         self.merger_ref: ray.ObjectRef | None = None
         self.merged_ref: ray.ObjectRef | None = None
+        self.base_ref: ray.ObjectRef | None = None
 
     # -- set-up -------------------------------------------------------------------------------
 
@@ -120,8 +121,9 @@ class EvolverRun:
         """Load the population (replaying ``state`` if resuming) and score generation 0."""
         s = self.settings
         self.refs = [self.pool.submit("load", p) for p in self.inputs.members]
-        if self.inputs.base is not None:
-            self.pool.broadcast("set_base", self.pool.submit("load", self.inputs.base))
+        self.base_ref = (
+            self.pool.submit("load", self.inputs.base) if self.inputs.base is not None else None
+        )
         if s.merger_mode:
             self.merger_ref = ray.put(self._make_merger())
         resumed = state is not None
@@ -136,8 +138,6 @@ class EvolverRun:
                     "update_merged", self.merger_ref, self.merged_ref, accepted, *self.refs
                 )
             self._replace(recipes)
-        if s.merger_mode:
-            self.pool.broadcast("set_merged", self.merged_ref, self.merger_ref)
         if not resumed:
             if s.merger_mode:
                 (res,) = self.pool.evaluate_vectors([self.merged_ref])
@@ -172,6 +172,9 @@ class EvolverRun:
             )
         return make_merger("regmean", self.layout, n, grams=stats, alpha=s.regmean_alpha)
 
+    def _context(self) -> dict[str, ray.ObjectRef | None]:
+        return {"base": self.base_ref, "merged": self.merged_ref, "merger": self.merger_ref}
+
     def _replace(self, accepted: Sequence[Recipe]) -> None:
         """Synchronous update: every accepted offspring is built from the same old population."""
         if not accepted:
@@ -187,7 +190,9 @@ class EvolverRun:
         s = self.settings
         t0 = time.perf_counter()
         recipes = state.recipes()
-        results = self.pool.evaluate_recipes(recipes, self.refs, merged=s.merger_mode)
+        results = self.pool.evaluate_recipes(
+            recipes, self.refs, merged=s.merger_mode, context=self._context()
+        )
         trials = [
             Trial(r, res["fitness"], _flat_scores(res["scores"]))
             for r, res in zip(recipes, results, strict=True)
@@ -221,8 +226,6 @@ class EvolverRun:
                 state.fitness[t.recipe.target] = t.fitness
         accepted = {t.recipe.target for t in chosen}
         self._replace([t.recipe for t in chosen])
-        if s.merger_mode and chosen:
-            self.pool.broadcast("set_merged", self.merged_ref, self.merger_ref)
         state.accepted.append([t.recipe.to_dict() for t in chosen])
         self._log(state.generation, recipes, results, accepted)
         state.generation += 1

@@ -34,10 +34,11 @@ class WorkerPool:
         num_cpus: float = 1,
         num_gpus: float = 0,
         max_restarts: int = 3,
+        worker_cls: type = OffspringWorker,
     ) -> None:
         if num_workers < 1:
             raise ValueError(f"num_workers must be >= 1, got {num_workers}")
-        actor = ray.remote(OffspringWorker).options(
+        actor = ray.remote(worker_cls).options(
             num_cpus=num_cpus,
             num_gpus=num_gpus,
             max_restarts=max_restarts,
@@ -54,19 +55,24 @@ class WorkerPool:
         self._next += 1
         return getattr(actor, method).remote(*args)
 
-    def broadcast(self, method: str, *args: Any) -> list[Any]:
-        """Call ``method`` on every worker (refs in args resolve to zero-copy arrays there)."""
-        return ray.get([getattr(a, method).remote(*args) for a in self.actors])
-
     def evaluate_recipes(
-        self, recipes: Sequence[Recipe], population: Sequence[ray.ObjectRef], *, merged: bool
+        self,
+        recipes: Sequence[Recipe],
+        population: Sequence[ray.ObjectRef],
+        *,
+        merged: bool,
+        context: dict[str, ray.ObjectRef | None] | None = None,
     ) -> list[dict]:
         """Results in recipe order. Recipes are dealt round-robin, one call per worker, with
         the population passed along (refs: nothing is copied), so a generation costs one round
-        trip per worker; offspring of one generation cost about the same to evaluate."""
+        trip per worker; offspring of one generation cost about the same to evaluate.
+        ``context`` refs (base, merged, merger) stay nested so workers fetch them only once.
+        A worker that dies is restarted by Ray and its call retried (``max_task_retries``);
+        everything it needs comes with the call, so the retry gives the same result."""
         w = len(self.actors)
+        ctx = dict(context or {})
         calls = [
-            a.evaluate_batch.remote([r.to_dict() for r in recipes[i::w]], merged, *population)
+            a.evaluate_batch.remote([r.to_dict() for r in recipes[i::w]], merged, ctx, *population)
             for i, a in enumerate(self.actors)
         ]
         per_worker = ray.get(calls)

@@ -24,6 +24,7 @@ from ray import tune
 
 from evoray.evolution.evolver import EvolverState
 from evoray.execution.evolver_run import EvolverRun, RunInputs
+from evoray.execution.monitoring import RunMetrics
 from evoray.execution.pool import WorkerPool, flat_from_ref
 from evoray.execution.worker import TaskSpec, WorkerSpec
 from evoray.layout import Layout
@@ -131,6 +132,7 @@ def search_trainable(config: dict[str, Any], shared: Shared) -> None:
     )
     run_log = RunLog(trial_dir, run_id=name, strategy=strategy)
     run, state_cls = _make_run(strategy, values, shared, pool, run_log, name)
+    live = RunMetrics(name, strategy)
     state = None
     checkpoint = tune.get_checkpoint()
     if checkpoint is not None:
@@ -150,6 +152,7 @@ def search_trainable(config: dict[str, Any], shared: Shared) -> None:
     while not state.done:
         _maybe_fail_for_test(shared, trial_dir, _generation(state))
         metrics = run.step(state)
+        live.update(metrics)
         if state.done:
             metrics.update(_finish(run, state, trial_dir))
         with tempfile.TemporaryDirectory() as d:

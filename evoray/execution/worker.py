@@ -114,7 +114,8 @@ class OffspringWorker:
         self.merged: torch.Tensor | None = None
         self.merger: Any = None
         self.base: torch.Tensor | None = None
-        self.node = socket.gethostname()
+        self._context: dict[str, str | None] = {}
+        self.node = _node_name()
         self.pid = os.getpid()
 
     # -- state pushed by the driver (object refs resolve to zero-copy numpy arrays) -----------
@@ -123,13 +124,21 @@ class OffspringWorker:
         """Adopt a population; arrays are read-only zero-copy views of the object store."""
         self.population = [_as_tensor(a) for a in arrays]
 
-    def set_merged(self, merged: np.ndarray, merger: Any) -> None:
-        self.merged = _as_tensor(merged)  # float32, as mergers produce it
-        self.merger = merger
+    def use_context(self, context: dict[str, Any]) -> None:
+        """Adopt the run's shared objects, given as object refs (``base``, ``merged``,
+        ``merger``); each is fetched once and kept until its ref changes. Passing them with
+        every call, rather than setting them once, lets a restarted worker recover them."""
+        import ray
 
-    def set_base(self, base: np.ndarray) -> None:
-        """The shared base model, for kinship of each offspring to its parent."""
-        self.base = _as_tensor(base)
+        for key, ref in context.items():
+            if ref is None:
+                setattr(self, key, None)
+                self._context[key] = None
+                continue
+            if self._context.get(key) != ref.hex():
+                value = ray.get(ref)
+                setattr(self, key, value if key == "merger" else _as_tensor(value))
+                self._context[key] = ref.hex()
 
     # -- work ----------------------------------------------------------------------------------
 
@@ -139,7 +148,7 @@ class OffspringWorker:
         t0 = time.perf_counter()
         if merged:
             if self.merged is None or self.merger is None:
-                raise RuntimeError("merger mode needs set_merged() first")
+                raise RuntimeError("merger mode needs the merged model and merger in the context")
             u = build_offspring(recipe, self.population)
             diff = u.float() - self.population[recipe.target].float()
             trial = self.merged.to(torch.float32, copy=True)  # merged stays the reference
@@ -167,9 +176,10 @@ class OffspringWorker:
         }
 
     def evaluate_batch(
-        self, recipes: list[dict], merged: bool, *population: np.ndarray
+        self, recipes: list[dict], merged: bool, context: dict[str, Any], *population: np.ndarray
     ) -> list[dict[str, Any]]:
         """Adopt ``population`` and evaluate several recipes: one round trip per generation."""
+        self.use_context(context)
         self.set_population(*population)
         return [self.evaluate_recipe(r, merged) for r in recipes]
 
@@ -289,6 +299,16 @@ class OffspringWorker:
 
     def ping(self) -> dict[str, Any]:
         return {"node": self.node, "pid": self.pid, "device": str(self.device)}
+
+
+def _node_name() -> str:
+    """Host name plus the Ray node id's prefix: several nodes may share one host."""
+    import ray
+
+    host = socket.gethostname()
+    if ray.is_initialized():
+        return f"{host}/{ray.get_runtime_context().get_node_id()[:8]}"
+    return host
 
 
 def _to_numpy(t: torch.Tensor) -> np.ndarray:
