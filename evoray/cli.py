@@ -82,6 +82,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
             strategy, "rounds"
         )
         raw.setdefault(strategy, {})[key] = args.generations
+    if args.gpus_per_worker is not None:
+        raw.setdefault("execution", {})["gpus_per_worker"] = args.gpus_per_worker
     config = RunConfig.from_dict(raw, source=str(path))
     # The resolved config next to the results: `evoray resume RUN_DIR` needs nothing else.
     raw.setdefault("output", {})["run_dir"] = str(config.run_dir.resolve())
@@ -108,8 +110,8 @@ def _run(config, args: argparse.Namespace, *, resume: bool) -> int:
     from evoray.execution.tune_runner import ensure_ray, prepare, run_search
     from evoray.report import run_table
 
+    shared = prepare(config)  # models and layouts are checked before Ray starts
     ensure_ray(args.address, args.num_cpus)
-    shared = prepare(config)
     summaries = run_search(config, shared=shared, resume=resume, progress=not args.quiet)
     table = run_table(shared, summaries)
     (config.run_dir / "results.md").write_text(table + "\n")
@@ -183,6 +185,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--address", default=None, help="Ray cluster address (default: RAY_ADDRESS or local)"
     )
     r.add_argument("--num-cpus", type=int, default=None, help="CPUs for a local Ray (default: all)")
+    r.add_argument(
+        "--gpus-per-worker",
+        type=float,
+        default=None,
+        help="override execution.gpus_per_worker (e.g. 1: one model per GPU)",
+    )
     r.add_argument("-q", "--quiet", action="store_true", help="less Tune output")
     r.set_defaults(func=_cmd_run)
 

@@ -157,3 +157,32 @@ def test_recipe_search_exports_a_mergekit_recipe_that_reproduces_the_model(
     assert found.keys() == rebuilt.keys()
     for name in found:
         torch.testing.assert_close(found[name], rebuilt[name])
+
+
+def test_cli_run_reports_a_corrupt_member_before_starting_ray(tmp_path, small_zoo, capsys):
+    import shutil
+
+    from evoray.cli import main
+
+    members = []
+    for name, path in small_zoo.experts.items():
+        members.append(tmp_path / name)
+        shutil.copytree(path, members[-1])
+    weights = members[1] / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])  # a truncated download
+    cfg = tmp_path / "s.yml"
+    cfg.write_text(
+        yaml.safe_dump(
+            {
+                "strategy": "evolver",
+                "models": {"base": str(small_zoo.base), "members": [str(m) for m in members]},
+                "tasks": {"kind": "zoo", "n_domains": 3},
+                "output": {"run_dir": str(tmp_path / "run")},
+            }
+        )
+    )
+    assert main(["run", str(cfg), "--gpus-per-worker", "0"]) == 2
+    err = capsys.readouterr().err
+    assert "model.safetensors" in err and str(members[1]) in err
+    snapshot = yaml.safe_load((tmp_path / "run" / "config.yml").read_text())
+    assert snapshot["execution"]["gpus_per_worker"] == 0
