@@ -24,8 +24,9 @@ from evoray.checkpoint import open_checkpoint
 from evoray.evaluation import classification_scores
 from evoray.evolution.de import sample_recipes
 from evoray.evolution.evolver import EvolverSettings
-from evoray.execution.evolver_run import EvolverRun, RunInputs
+from evoray.execution.evolver_run import EvolverRun
 from evoray.execution.pool import WorkerPool
+from evoray.execution.search_run import RunInputs
 from evoray.execution.worker import TaskSpec, WorkerSpec
 from evoray.layout import Layout
 from evoray.zoo import build_zoo

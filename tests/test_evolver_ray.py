@@ -13,8 +13,9 @@ import torch
 from evoray.checkpoint import open_checkpoint
 from evoray.evolution.de import Recipe, build_offspring
 from evoray.evolution.evolver import EvolverSettings, EvolverState
-from evoray.execution.evolver_run import EvolverRun, RunInputs
+from evoray.execution.evolver_run import EvolverRun
 from evoray.execution.pool import WorkerPool
+from evoray.execution.search_run import RunInputs
 from evoray.execution.worker import OffspringWorker, TaskSpec, WorkerSpec
 from evoray.layout import Layout
 from evoray.weight_space import flatten

@@ -10,7 +10,6 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -27,22 +26,10 @@ from evoray.evolution.evolver import (
     improving_merges,
     select_individuals,
 )
-from evoray.execution.pool import WorkerPool
+from evoray.execution.search_run import SearchRun, flat_scores
 from evoray.execution.worker import TaskSpec
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class RunInputs:
-    """The models of a run: the initial population, optionally their shared base."""
-
-    members: tuple[str, ...]
-    base: str | None = None
-    tasks: TaskSpec = field(default_factory=TaskSpec)
-    member_tasks: tuple[str, ...] | None = None  # each member's own task, for Fisher/RegMean
-    stats_examples: int = 256
-    cache_dir: str | None = None
 
 
 @ray.remote(num_cpus=0)
@@ -90,40 +77,22 @@ def compute_statistics(
     return cached_statistics(kind, Path(model_path), key, compute, Path(cache_dir))
 
 
-class EvolverRun:
+class EvolverRun(SearchRun):
     """Drives one Evolver run on a worker pool."""
 
     strategy = "evolver"
 
-    def __init__(
-        self,
-        settings: EvolverSettings,
-        inputs: RunInputs,
-        pool: WorkerPool,
-        *,
-        run_log: Any | None = None,
-        run_id: str = "evolver",
-    ) -> None:
-        self.settings = settings
-        self.inputs = inputs
-        self.pool = pool
-        self.layout = pool.spec.layout
-        self.run_log = run_log
-        self.run_id = run_id
-        self.refs: list[ray.ObjectRef] = []
+    def __init__(self, settings: EvolverSettings, *args: Any, **kwargs: Any) -> None:
+        super().__init__(settings, *args, **kwargs)
         self.merger_ref: ray.ObjectRef | None = None
         self.merged_ref: ray.ObjectRef | None = None
-        self.base_ref: ray.ObjectRef | None = None
 
     # -- set-up -------------------------------------------------------------------------------
 
     def start(self, state: EvolverState | None = None) -> EvolverState:
         """Load the population (replaying ``state`` if resuming) and score generation 0."""
         s = self.settings
-        self.refs = [self.pool.submit("load", p) for p in self.inputs.members]
-        self.base_ref = (
-            self.pool.submit("load", self.inputs.base) if self.inputs.base is not None else None
-        )
+        self.load_models()
         if s.merger_mode:
             self.merger_ref = ray.put(self._make_merger())
         resumed = state is not None
@@ -194,7 +163,7 @@ class EvolverRun:
             recipes, self.refs, merged=s.merger_mode, context=self._context()
         )
         trials = [
-            Trial(r, res["fitness"], _flat_scores(res["scores"]))
+            Trial(r, res["fitness"], flat_scores(res["scores"]))
             for r, res in zip(recipes, results, strict=True)
         ]
         if s.merger_mode:
@@ -255,7 +224,7 @@ class EvolverRun:
                     "F": r.F,
                     "CR": r.CR,
                     "seed": r.seed,
-                    "scores": _flat_scores(res["scores"]),
+                    "scores": flat_scores(res["scores"]),
                     "fitness": res["fitness"],
                     "accepted": r.target in accepted,
                     "kinship_to_parent": res["kinship_to_parent"],
@@ -275,20 +244,3 @@ class EvolverRun:
         if self.settings.merger_mode:
             return self.merged_ref
         return self.refs[state.best_individual]
-
-    def test_scores(self, ref: ray.ObjectRef) -> dict[str, dict[str, dict[str, float]]]:
-        return test_scores(self.pool, self.inputs, ref)
-
-
-def test_scores(pool: WorkerPool, inputs: RunInputs, ref: ray.ObjectRef) -> dict:
-    """In-domain test and OOD test scores of one vector (for the final report only)."""
-    (test,) = pool.evaluate_vectors([ref], split="test")
-    out = {"test": test["scores"]}
-    if inputs.tasks.n_ood:
-        (ood,) = pool.evaluate_vectors([ref], split="ood-test")
-        out["ood"] = ood["scores"]
-    return out
-
-
-def _flat_scores(scores: dict[str, dict[str, float]]) -> dict[str, float]:
-    return {f"{task}/{metric}": v for task, m in scores.items() for metric, v in m.items()}

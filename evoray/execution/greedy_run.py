@@ -16,38 +16,21 @@ import ray
 
 from evoray.errors import ConfigError
 from evoray.evolution.greedy import Candidate, GreedySettings, GreedyState
-from evoray.execution.evolver_run import RunInputs, _flat_scores, test_scores
-from evoray.execution.pool import WorkerPool
+from evoray.execution.search_run import RunInputs, SearchRun, flat_scores
 
 
-class GreedyRun:
+class GreedyRun(SearchRun):
     """One kinship-guided greedy merging run."""
 
     strategy = "kinship_greedy"
 
-    def __init__(
-        self,
-        settings: GreedySettings,
-        inputs: RunInputs,
-        pool: WorkerPool,
-        *,
-        run_log: Any | None = None,
-        run_id: str = "kinship_greedy",
-    ) -> None:
+    def __init__(self, settings: GreedySettings, inputs: RunInputs, *args: Any, **kw: Any) -> None:
         if inputs.base is None:
             raise ConfigError("kinship_greedy needs the models' shared base (models.base)")
-        self.settings = settings
-        self.inputs = inputs
-        self.pool = pool
-        self.layout = pool.spec.layout
-        self.run_log = run_log
-        self.run_id = run_id
-        self.refs: list[ray.ObjectRef] = []
-        self.base_ref: ray.ObjectRef | None = None
+        super().__init__(settings, inputs, *args, **kw)
 
     def start(self, state: GreedyState | None = None) -> GreedyState:
-        self.base_ref = self.pool.submit("load", self.inputs.base)
-        self.refs = [self.pool.submit("load", p) for p in self.inputs.members]
+        self.load_models()
         if state is not None:  # replay: every merged candidate from its parents, in order
             for c in state.candidates[len(self.inputs.members) :]:
                 self.refs.append(self._merge(*c.parents))
@@ -132,7 +115,7 @@ class GreedyRun:
                     "parents": list(c.parents),
                     "operator": method + ("+explore" if c.explore else ""),
                     "seed": 0,
-                    "scores": _flat_scores(res["scores"]),
+                    "scores": flat_scores(res["scores"]),
                     "fitness": res["fitness"],
                     "accepted": c.id in state.top,
                     "kinship_to_parent": c.parent_kinship,
@@ -147,6 +130,3 @@ class GreedyRun:
 
     def final_ref(self, state: GreedyState) -> ray.ObjectRef:
         return self.refs[state.best]
-
-    def test_scores(self, ref: ray.ObjectRef) -> dict:
-        return test_scores(self.pool, self.inputs, ref)

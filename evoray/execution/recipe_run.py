@@ -24,8 +24,7 @@ import yaml
 
 from evoray.config import num_layers
 from evoray.errors import ConfigError
-from evoray.execution.evolver_run import RunInputs, _flat_scores, test_scores
-from evoray.execution.pool import WorkerPool
+from evoray.execution.search_run import RunInputs, SearchRun, flat_scores
 from evoray.merge.registry import get_method
 
 SAMPLERS = ("cmaes", "tpe")
@@ -96,36 +95,20 @@ class RecipeState:
         return cls(RecipeSettings(**st), d["round"], list(d["trials"]))
 
 
-class RecipeRun:
+class RecipeRun(SearchRun):
     """One recipe search on a worker pool."""
 
     strategy = "recipe_search"
 
-    def __init__(
-        self,
-        settings: RecipeSettings,
-        inputs: RunInputs,
-        pool: WorkerPool,
-        *,
-        run_log: Any | None = None,
-        run_id: str = "recipe_search",
-    ) -> None:
+    def __init__(self, settings: RecipeSettings, inputs: RunInputs, *args: Any, **kw: Any) -> None:
         method = get_method(settings.method)
         if method.needs_base and inputs.base is None:
             raise ConfigError(f"recipe_search with {method.name} needs models.base")
-        self.settings = settings
-        self.inputs = inputs
-        self.pool = pool
-        self.layout = pool.spec.layout
-        self.run_log = run_log
-        self.run_id = run_id
+        super().__init__(settings, inputs, *args, **kw)
         self.n_layers = max(1, num_layers(None, self.layout.names))
 
     def start(self, state: RecipeState | None = None) -> RecipeState:
-        self.base_ref = (
-            self.pool.submit("load", self.inputs.base) if self.inputs.base is not None else None
-        )
-        self.refs = [self.pool.submit("load", p) for p in self.inputs.members]
+        self.load_models()
         s = self.settings
         sampler = (
             optuna.samplers.CmaEsSampler(seed=s.seed)
@@ -212,7 +195,7 @@ class RecipeRun:
                     "parents": list(range(len(self.inputs.members))),
                     "operator": f"{self.settings.method}|{self.settings.sampler}",
                     "seed": self.settings.seed,
-                    "scores": _flat_scores(res["scores"]),
+                    "scores": flat_scores(res["scores"]),
                     "fitness": res["fitness"],
                     "accepted": res["fitness"] == best and best > best_before,
                     "wall_time_s": res["build_time_s"] + res["eval_time_s"],
@@ -244,6 +227,3 @@ class RecipeRun:
             for m, p in zip(self.inputs.members, self.recipe(state.best["params"]), strict=True)
         ]
         return yaml.safe_dump(config, sort_keys=False)
-
-    def test_scores(self, ref: ray.ObjectRef) -> dict:
-        return test_scores(self.pool, self.inputs, ref)

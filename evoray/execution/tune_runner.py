@@ -23,9 +23,10 @@ import ray
 from ray import tune
 
 from evoray.evolution.evolver import EvolverState
-from evoray.execution.evolver_run import EvolverRun, RunInputs
+from evoray.execution.evolver_run import EvolverRun
 from evoray.execution.monitoring import RunMetrics
 from evoray.execution.pool import WorkerPool, flat_from_ref
+from evoray.execution.search_run import RunInputs
 from evoray.execution.worker import TaskSpec, WorkerSpec
 from evoray.layout import Layout
 from evoray.run_config import RunConfig
