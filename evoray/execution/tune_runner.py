@@ -148,6 +148,8 @@ def search_trainable(config: dict[str, Any], shared: Shared) -> None:
             initial = {"fitness": state.fitness, "merged_fitness": state.merged_fitness}
             if run.settings.merger_mode:
                 initial["merged_scores"] = run.test_scores(run.merged_ref)
+        elif strategy == "kinship_greedy":
+            initial = {"fitness": [c.fitness for c in state.candidates]}
         (trial_dir / "initial.json").write_text(json.dumps(initial, indent=2))
     reported = False
     while not state.done:
