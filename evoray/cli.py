@@ -204,11 +204,13 @@ def build_parser() -> argparse.ArgumentParser:
     rs.add_argument("-q", "--quiet", action="store_true", help="less Tune output")
     rs.set_defaults(func=_cmd_resume)
 
+    from evoray.fusion.fuse_cli import add_fuse_parser
     from evoray.kinship_cli import add_kinship_parser
     from evoray.report_plots import add_report_parser
 
     add_kinship_parser(sub)
     add_report_parser(sub)
+    add_fuse_parser(sub)
     return parser
 
 

@@ -1,0 +1,122 @@
+"""Offline material for FuseLLM runs: a generated English-like corpus, tokenizers, tiny LMs.
+
+The corpus is templated sentences whose words depend on each other (animals have habitats and
+habits), so a tiny model can learn something in a few hundred steps and models with different
+tokenizers (characters, BPE of several sizes) learn different views of the same text.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Sequence
+
+SPECIALS = {"pad_token": "[PAD]", "unk_token": "[UNK]", "bos_token": "<s>", "eos_token": "</s>"}
+
+_ANIMALS = {
+    "cat": ("house", "sleeps", "fish"),
+    "dog": ("garden", "runs", "bone"),
+    "bird": ("tree", "sings", "seed"),
+    "fish": ("river", "swims", "worm"),
+    "horse": ("field", "gallops", "apple"),
+    "mouse": ("barn", "hides", "cheese"),
+    "frog": ("pond", "jumps", "fly"),
+    "bear": ("forest", "climbs", "honey"),
+}
+_ADJECTIVES = ["small", "big", "red", "old", "young", "happy", "quiet", "brown"]
+_TIMES = ["every morning", "at night", "in the rain", "after lunch", "all day"]
+_TEMPLATES = [
+    "the {adj} {animal} {habit} in the {home} {time} .",
+    "a {animal} likes to eat {food} in the {home} .",
+    "the {animal} {habit} and eats the {food} .",
+    "{time} the {adj} {animal} {habit} near the {home} .",
+    "my {animal} is {adj} and {habit} {time} .",
+]
+
+
+def _sentence(rng: random.Random) -> str:
+    animal = rng.choice(sorted(_ANIMALS))
+    home, habit, food = _ANIMALS[animal]
+    return rng.choice(_TEMPLATES).format(
+        adj=rng.choice(_ADJECTIVES),
+        animal=animal,
+        home=home,
+        habit=habit,
+        food=food,
+        time=rng.choice(_TIMES),
+    )
+
+
+def make_corpus(seed: int = 0, n_train: int = 400, n_heldout: int = 100) -> tuple[list, list]:
+    """``(train, heldout)`` lists of sentences, deterministic in ``seed``; no sentence of the
+    held-out list appears in the train list (as far as the templates allow distinct ones)."""
+    if n_train < 0 or n_heldout < 0:
+        raise ValueError(f"sizes must be >= 0, got {n_train}, {n_heldout}")
+    rng = random.Random(seed)
+    train = [_sentence(rng) for _ in range(n_train)]
+    seen = set(train)
+    heldout: list[str] = []
+    for _ in range(50 * max(n_heldout, 1)):
+        if len(heldout) == n_heldout:
+            break
+        s = _sentence(rng)
+        if s not in seen:
+            heldout.append(s)
+            seen.add(s)
+    while len(heldout) < n_heldout:  # the template space ran out: allow repeats
+        heldout.append(_sentence(rng))
+    return train, heldout
+
+
+def _wrap(backend):
+    from transformers import PreTrainedTokenizerFast
+
+    return PreTrainedTokenizerFast(tokenizer_object=backend, model_max_length=512, **SPECIALS)
+
+
+def build_char_tokenizer(texts: Sequence[str]):
+    """A character-level ``PreTrainedTokenizerFast`` over the characters of ``texts`` (space
+    included) with the ``SPECIALS`` tokens; no post-processor (callers add bos/eos)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    chars = sorted({c for t in texts for c in t})
+    specials = list(SPECIALS.values())
+    vocab = {t: i for i, t in enumerate(specials + [c for c in chars if c not in specials])}
+    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token=SPECIALS["unk_token"]))
+    backend.pre_tokenizer = pre_tokenizers.Split("", behavior="isolated")
+    return _wrap(backend)
+
+
+def build_bpe_tokenizer(texts: Sequence[str], vocab_size: int):
+    """A BPE ``PreTrainedTokenizerFast`` (Metaspace '▁' word markers) trained on ``texts``."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    backend = Tokenizer(models.BPE(unk_token=SPECIALS["unk_token"]))
+    backend.pre_tokenizer = pre_tokenizers.Metaspace()
+    backend.decoder = decoders.Metaspace()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=list(SPECIALS.values()), show_progress=False
+    )
+    backend.train_from_iterator(list(texts), trainer=trainer)
+    return _wrap(backend)
+
+
+def make_tiny_lm(tokenizer, seed: int = 0, hidden: int = 32, layers: int = 2):
+    """A randomly initialised small ``LlamaForCausalLM`` sized to ``tokenizer``'s vocab."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        tie_word_embeddings=False,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(config)

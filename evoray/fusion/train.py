@@ -1,0 +1,258 @@
+"""FuseLLM continual training of a target model on fused source distributions.
+
+``fuse_train`` aligns every source's stored top-k distributions to the target's tokens
+(``align_sequences`` on token strings, ``vocab_map`` once per source), fuses them per sequence
+(MinCE or AvgCE on each source's mean CE) and trains the target with
+``lam * CLM + (1 - lam) * fusion``.  ``clm_train`` is the same loop with ``lam = 1`` and no
+sources: the plain continual-training baseline.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+from evoray.fusion import FusionError
+from evoray.fusion.align import align_sequences, normalize_token, vocab_map
+from evoray.fusion.distill import fuse_avg_ce, fuse_min_ce, fusellm_loss, map_to_target
+from evoray.fusion.sources import encode_ids, extract_all, read_shards
+
+METHODS = {"avg_ce": fuse_avg_ce, "min_ce": fuse_min_ce}
+
+
+def _load(path: str | Path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    return AutoModelForCausalLM.from_pretrained(str(path)), AutoTokenizer.from_pretrained(str(path))
+
+
+def _content_vocab(tokenizer) -> set[str]:
+    specials = set(tokenizer.all_special_tokens)
+    return {normalize_token(t) for t in tokenizer.get_vocab() if t not in specials} - {""}
+
+
+def checked_vocab_map(src_tok, tgt_tok, name: str = "source"):
+    """``vocab_map`` source -> target, after checking that the two share at least one
+    non-special token (specials like '<s>' alone would make any pair look alignable)."""
+    if not _content_vocab(src_tok) & _content_vocab(tgt_tok):
+        raise FusionError(
+            f"cannot align {name} with the target: their tokenizers share no token (special "
+            "tokens aside) even after normalising word markers; they do not cover the same text"
+        )
+    return vocab_map(src_tok.get_vocab(), tgt_tok.get_vocab())
+
+
+def fused_teachers(
+    tgt_tok, texts: Sequence[str], source_paths: Sequence[str | Path], dist_dirs, method: str
+) -> tuple[list[list[int]], list[tuple]]:
+    """Target ids per text and the fused ``(values, indices, mask)`` per text."""
+    from transformers import AutoTokenizer
+
+    if method not in METHODS:
+        raise FusionError(f"method must be one of {sorted(METHODS)}, got {method!r}")
+    tgt_ids = [encode_ids(tgt_tok, t) for t in texts]
+    tgt_tokens = [tgt_tok.convert_ids_to_tokens(ids) for ids in tgt_ids]
+    per_source = []
+    vmaps: dict[str, object] = {}
+    for i, (src, d) in enumerate(zip(source_paths, dist_dirs, strict=True)):
+        key = str(src)
+        if key not in vmaps:
+            src_tok = AutoTokenizer.from_pretrained(key)
+            vmaps[key] = checked_vocab_map(src_tok, tgt_tok, name=f"source {i} ({src})")
+        rows = read_shards(d)
+        if [r["text"] for r in rows] != list(texts):
+            raise FusionError(f"the distributions in {d} were extracted from other texts")
+        per_source.append((vmaps[key], rows))
+    teachers = []
+    for n, ids in enumerate(tgt_ids):
+        dists, ces = [], []
+        for vmap, rows in per_source:
+            r = rows[n]
+            pairs = align_sequences(r["tokens"], tgt_tokens[n])
+            dists.append(
+                map_to_target(
+                    torch.from_numpy(r["values"]),
+                    torch.from_numpy(r["indices"]),
+                    vmap,
+                    pairs,
+                    len(ids),
+                )
+            )
+            ces.append(r["mean_ce"])
+        teachers.append(METHODS[method](dists, ces))
+    return tgt_ids, teachers
+
+
+def _batches(n: int, batch_size: int, steps: int, seed: int) -> list[list[int]]:
+    rng = random.Random(seed)
+    order: list[int] = []
+    out = []
+    for _ in range(steps):
+        if len(order) < batch_size:
+            perm = list(range(n))
+            rng.shuffle(perm)
+            order += perm
+        out.append(order[:batch_size])
+        order = order[batch_size:]
+    return out
+
+
+def _batch_loss(model, ids_list, teachers, idx, lam, kind, temperature):
+    width = max(len(ids_list[i]) for i in idx)
+    ids = torch.zeros((len(idx), width), dtype=torch.long)
+    mask = torch.zeros((len(idx), width), dtype=torch.long)
+    for b, i in enumerate(idx):
+        ids[b, : len(ids_list[i])] = torch.tensor(ids_list[i])
+        mask[b, : len(ids_list[i])] = 1
+    logits = model(input_ids=ids, attention_mask=mask).logits
+    losses = []
+    for b, i in enumerate(idx):
+        n = len(ids_list[i])
+        if teachers is None:
+            empty = torch.zeros((n, 1)), torch.zeros((n, 1), dtype=torch.int32)
+            v, ix, m = (*empty, torch.zeros(n, dtype=torch.bool))
+        else:
+            v, ix, m = teachers[i]
+        losses.append(fusellm_loss(logits[b, :n], ids[b, :n], v, ix, m, lam, kind, temperature))
+    return torch.stack(losses).mean()
+
+
+def _train_loop(
+    model, tok, ids_list, teachers, *, lam, kind, temperature, steps, lr, seed, batch_size, out_dir
+) -> dict:
+    torch.manual_seed(seed)
+    everything = list(range(len(ids_list)))
+    eval_idx = [everything[i : i + 32] for i in range(0, len(everything), 32)]
+
+    def full_loss() -> float:
+        model.eval()
+        with torch.no_grad():
+            total = sum(
+                float(_batch_loss(model, ids_list, teachers, b, lam, kind, temperature)) * len(b)
+                for b in eval_idx
+            )
+        return total / len(everything)
+
+    before = full_loss()
+    opt = torch.optim.AdamW(model.parameters(), lr=lr)
+    model.train()
+    losses = []
+    for idx in _batches(len(ids_list), batch_size, steps, seed):
+        loss = _batch_loss(model, ids_list, teachers, idx, lam, kind, temperature)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(float(loss.detach()))
+    after = full_loss()
+    out_dir = Path(out_dir)
+    model.save_pretrained(str(out_dir), safe_serialization=True)
+    tok.save_pretrained(str(out_dir))
+    return {"out_dir": out_dir, "loss_before": before, "loss_after": after, "losses": losses}
+
+
+def fuse_train(
+    target_path: str | Path,
+    source_paths: Sequence[str | Path],
+    texts: Sequence[str],
+    *,
+    method: str = "avg_ce",
+    lam: float = 0.9,
+    kind: str = "ce",
+    temperature: float = 1.0,
+    steps: int = 100,
+    lr: float = 1e-3,
+    seed: int = 0,
+    batch_size: int = 8,
+    k: int = 10,
+    out_dir: str | Path,
+    dist_dirs: Sequence[str | Path] | None = None,
+    use_ray: bool = False,
+) -> dict:
+    """Train the target at ``target_path`` with FuseLLM on ``texts``; save it to ``out_dir``.
+
+    ``dist_dirs`` are the sources' shard folders (from ``extract_all`` over the same texts, in
+    ``source_paths`` order); without them the distributions are extracted first into
+    ``out_dir/distributions``.  Returns ``out_dir`` and the full-corpus FuseLLM loss before and
+    after training (``loss_before`` / ``loss_after``) plus the per-step losses.
+    """
+    texts = list(texts)
+    if not texts:
+        raise FusionError("the training corpus is empty")
+    if not source_paths:
+        raise FusionError("fuse_train needs at least one source model; use clm_train for none")
+    if not 0.0 <= lam <= 1.0:
+        raise FusionError(f"lam must be in [0, 1], got {lam}")
+    model, tok = _load(target_path)
+    if dist_dirs is None:
+        dist_dirs = extract_all(
+            source_paths, texts, Path(out_dir) / "distributions", k=k, use_ray=use_ray
+        )
+    ids_list, teachers = fused_teachers(tok, texts, source_paths, dist_dirs, method)
+    return _train_loop(
+        model,
+        tok,
+        ids_list,
+        teachers,
+        lam=lam,
+        kind=kind,
+        temperature=temperature,
+        steps=steps,
+        lr=lr,
+        seed=seed,
+        batch_size=batch_size,
+        out_dir=out_dir,
+    )
+
+
+def clm_train(
+    target_path: str | Path,
+    texts: Sequence[str],
+    *,
+    steps: int = 100,
+    lr: float = 1e-3,
+    seed: int = 0,
+    batch_size: int = 8,
+    out_dir: str | Path,
+) -> dict:
+    """Plain causal-LM continual training (``lam = 1``, no sources), same loop and batches as
+    ``fuse_train``: the baseline FuseLLM is compared against."""
+    texts = list(texts)
+    if not texts:
+        raise FusionError("the training corpus is empty")
+    model, tok = _load(target_path)
+    ids_list = [encode_ids(tok, t) for t in texts]
+    return _train_loop(
+        model,
+        tok,
+        ids_list,
+        None,
+        lam=1.0,
+        kind="ce",
+        temperature=1.0,
+        steps=steps,
+        lr=lr,
+        seed=seed,
+        batch_size=batch_size,
+        out_dir=out_dir,
+    )
+
+
+def heldout_perplexity(model_path: str | Path, texts: Sequence[str]) -> float:
+    """Token perplexity of the model on ``<bos> text <eos>`` sequences (its own tokenizer)."""
+    from evoray.evaluation import EncodedSplit, lm_perplexity
+
+    if not texts:
+        raise FusionError("no held-out texts to score")
+    model, tok = _load(model_path)
+    rows = [encode_ids(tok, t) for t in texts]
+    width = max(len(r) for r in rows)
+    ids = torch.zeros((len(rows), width), dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, r in enumerate(rows):
+        ids[i, : len(r)] = torch.tensor(r)
+        mask[i, : len(r)] = 1
+    split = EncodedSplit(ids, mask, ids.masked_fill(mask == 0, -100))
+    return lm_perplexity(model, split, batch_size=32)["perplexity"]

@@ -1,0 +1,197 @@
+"""FuseLLM end to end on tiny offline models: shards, Ray extraction, training, CLI, errors."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from evoray.errors import EvorayError
+from evoray.fusion import FusionError
+from evoray.fusion.corpus import (
+    build_bpe_tokenizer,
+    build_char_tokenizer,
+    make_corpus,
+    make_tiny_lm,
+)
+from evoray.fusion.sources import (
+    SHARD_NAME,
+    encode_ids,
+    extract_all,
+    read_shards,
+    source_distributions,
+    write_shard,
+)
+from evoray.fusion.train import checked_vocab_map, clm_train, fuse_train, heldout_perplexity
+
+
+def _save(tok, model, path: Path) -> Path:
+    model.save_pretrained(str(path), safe_serialization=True)
+    tok.save_pretrained(str(path))
+    return path
+
+
+@pytest.fixture(scope="module")
+def corpus():
+    return make_corpus(seed=0, n_train=24, n_heldout=8)
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory, corpus):
+    """Two sources (char-level, BPE 90) and a target (BPE 60), all untrained, hidden 16."""
+    train, _ = corpus
+    root = tmp_path_factory.mktemp("fuse_models")
+    char, bpe = build_char_tokenizer(train), build_bpe_tokenizer(train, 90)
+    tgt = build_bpe_tokenizer(train, 60)
+    sources = [
+        _save(char, make_tiny_lm(char, seed=1, hidden=16), root / "char"),
+        _save(bpe, make_tiny_lm(bpe, seed=2, hidden=16), root / "bpe"),
+    ]
+    return sources, _save(tgt, make_tiny_lm(tgt, seed=0, hidden=16), root / "target")
+
+
+def test_corpus_is_deterministic_and_disjoint():
+    a, b = make_corpus(3, 50, 10), make_corpus(3, 50, 10)
+    assert a == b and len(a[0]) == 50 and len(a[1]) == 10
+    assert not set(a[1]) & set(a[0])
+
+
+def test_shards_round_trip_without_padding(tmp_path, corpus):
+    train, _ = corpus
+    tok = build_char_tokenizer(train)
+    model = make_tiny_lm(tok, seed=0, hidden=16)
+    texts = train[:6]
+    rows = source_distributions(model, tok, texts, k=4, batch_size=3)
+    lengths = [len(r["tokens"]) for r in rows]
+    assert len(set(lengths)) > 1  # sequences of different lengths, none padded
+    for r, t in zip(rows, texts, strict=True):
+        assert r["text"] == t and r["tokens"][0] == "<s>" and r["tokens"][-1] == "</s>"
+        assert len(r["tokens"]) == len(encode_ids(tok, t))
+        assert r["values"].shape == r["indices"].shape == (len(r["tokens"]), 4)
+        assert r["ce"].shape == (len(r["tokens"]) - 1,)
+    # batched (equal lengths) equals one sequence at a time
+    single = source_distributions(model, tok, texts[:1], k=4)[0]
+    np.testing.assert_allclose(single["values"], rows[0]["values"], atol=1e-5)
+    path = write_shard(rows, tmp_path / "d" / SHARD_NAME)
+    assert [p.name for p in path.parent.iterdir()] == [SHARD_NAME]  # no temp file left
+    schema = pq.read_schema(path)
+    assert str(schema.field("indices").type) == "list<element: int32>"
+    assert str(schema.field("values").type) == "list<element: float>"
+    back = read_shards(path.parent)
+    assert len(back) == len(rows)
+    for r, b in zip(rows, back, strict=True):
+        assert b["indices"].dtype == np.int32 and b["values"].dtype == np.float32
+        np.testing.assert_array_equal(r["indices"], b["indices"])
+        np.testing.assert_array_equal(r["values"], b["values"])
+        np.testing.assert_array_equal(r["ce"], b["ce"])
+        assert b["tokens"] == r["tokens"] and b["mean_ce"] == pytest.approx(r["mean_ce"])
+
+
+def test_extract_in_process_equals_ray(tmp_path, corpus, models, ray_local):
+    sources, _ = models
+    texts = corpus[0][:8]
+    local = extract_all(sources, texts, tmp_path / "local", k=5, use_ray=False)
+    remote = extract_all(sources, texts, tmp_path / "ray", k=5, use_ray=True)
+    assert [d.name for d in remote] == ["source_0", "source_1"]
+    for a, b in zip(local, remote, strict=True):
+        assert (b / SHARD_NAME).is_file()
+        ra, rb = read_shards(a), read_shards(b)
+        assert [r["tokens"] for r in ra] == [r["tokens"] for r in rb]
+        for x, y in zip(ra, rb, strict=True):
+            np.testing.assert_array_equal(x["indices"], y["indices"])
+            np.testing.assert_allclose(x["values"], y["values"], atol=1e-5)
+
+
+@pytest.mark.parametrize("method", ["avg_ce", "min_ce"])
+def test_fuse_train_lowers_loss_and_saves_loadable_model(tmp_path, corpus, models, method):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    sources, target = models
+    train, heldout = corpus
+    res = fuse_train(
+        target, sources, train, method=method, steps=6, lr=1e-2, k=5, out_dir=tmp_path / "fused"
+    )
+    assert res["loss_after"] < res["loss_before"]
+    assert len(res["losses"]) == 6
+    assert (tmp_path / "fused" / "model.safetensors").is_file()
+    assert (tmp_path / "fused" / "distributions" / "source_1" / SHARD_NAME).is_file()
+    model = AutoModelForCausalLM.from_pretrained(str(tmp_path / "fused"))
+    tok = AutoTokenizer.from_pretrained(str(tmp_path / "fused"))
+    assert model.config.vocab_size == len(tok)
+    before = heldout_perplexity(target, heldout)
+    assert heldout_perplexity(tmp_path / "fused", heldout) < before
+    # the fusion term is really there: the same steps of plain CLM give another model
+    clm = clm_train(target, train, steps=6, lr=1e-2, out_dir=tmp_path / "clm")
+    fused_w = model.lm_head.weight
+    clm_w = AutoModelForCausalLM.from_pretrained(str(clm["out_dir"])).lm_head.weight
+    assert not torch.allclose(fused_w, clm_w)
+
+
+def test_cli_prints_three_perplexities(tmp_path, capsys):
+    from evoray.fusion.fuse_cli import add_fuse_parser
+
+    cfg = tmp_path / "fuse.yaml"
+    cfg.write_text(
+        "corpus: {seed: 1, n_train: 16, n_heldout: 4}\n"
+        "sources:\n"
+        "  - {name: char, tokenizer: char, hidden: 16, steps: 2}\n"
+        "  - {name: bpe70, tokenizer: bpe, vocab_size: 70, hidden: 16, steps: 2}\n"
+        "target: {tokenizer: bpe, vocab_size: 50, hidden: 16, steps: 1}\n"
+        "fusion: {method: min_ce, k: 4, steps: 2, batch_size: 4}\n"
+        f"output_dir: {tmp_path / 'run'}\n"
+    )
+    parser = argparse.ArgumentParser()
+    add_fuse_parser(parser.add_subparsers())
+    args = parser.parse_args(["fuse", str(cfg), "--json", str(tmp_path / "r.json")])
+    assert args.func(args) == 0
+    out = capsys.readouterr().out
+    for label in (
+        "target before training",
+        "target after CLM",
+        "target after FuseLLM",
+        "source char",
+    ):
+        assert label in out
+    assert (tmp_path / "run" / "target_fused" / "model.safetensors").is_file()
+    assert "target_fused" in (tmp_path / "r.json").read_text()
+
+
+def test_errors_empty_corpus(tmp_path, models):
+    sources, target = models
+    for call in (
+        lambda: fuse_train(target, sources, [], steps=1, out_dir=tmp_path / "a"),
+        lambda: clm_train(target, [], steps=1, out_dir=tmp_path / "b"),
+        lambda: extract_all(sources, [], tmp_path / "c", use_ray=False),
+    ):
+        with pytest.raises(FusionError, match=r"empty|no texts"):
+            call()
+
+
+def test_errors_unalignable_tokenizers(tmp_path, corpus, models):
+    _, target = models
+    greek = build_char_tokenizer(["αβγ δεζ ηθ"])
+    src = _save(greek, make_tiny_lm(greek, seed=0, hidden=16), tmp_path / "greek")
+    from transformers import AutoTokenizer
+
+    with pytest.raises(FusionError, match="share no token"):
+        checked_vocab_map(greek, AutoTokenizer.from_pretrained(str(target)))
+    with pytest.raises(FusionError, match="cannot align source 0"):
+        fuse_train(target, [src], corpus[0][:4], steps=1, k=3, out_dir=tmp_path / "o")
+
+
+def test_errors_missing_special_tokens(corpus):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    backend = Tokenizer(models.WordLevel(vocab={"[UNK]": 0, "the": 1}, unk_token="[UNK]"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="[UNK]", eos_token="[UNK]")
+    with pytest.raises(FusionError, match="no bos token") as info:
+        encode_ids(tok, "the the")
+    assert isinstance(info.value, EvorayError)
+    with pytest.raises(FusionError, match="bos"):
+        source_distributions(torch.nn.Linear(1, 1), tok, ["the"], k=1)
