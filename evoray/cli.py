@@ -65,13 +65,12 @@ def _cmd_zoo_build(args: argparse.Namespace) -> int:
 def _cmd_run(args: argparse.Namespace) -> int:
     import yaml
 
+    from evoray.config import read_yaml
     from evoray.errors import ConfigError
     from evoray.run_config import RunConfig
 
     path = Path(args.config)
-    if not path.is_file():
-        raise ConfigError(f"run config {path} not found")
-    raw = yaml.safe_load(path.read_text()) or {}
+    raw = read_yaml(path, "run config") or {}
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: expected a mapping at the top level")
     if args.run_dir:

@@ -54,6 +54,24 @@ DTYPES = {
 Setting = Any  # number | bool | str | list[number] | list[{filter, value}] | {filter, value}
 
 
+def read_yaml(path: str | Path, what: str) -> Any:
+    """Parse a YAML file; a missing file or bad YAML is a ConfigError naming the path."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{what} {path} not found")
+    try:
+        return yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+
+
+def unknown_key(key: Any, allowed: Any, where: str) -> ConfigError:
+    """The error for a key not in ``allowed``, with a did-you-mean hint (``where`` names it)."""
+    hint = difflib.get_close_matches(str(key), list(allowed), n=1)
+    did = f" (did you mean '{hint[0]}'?)" if hint else ""
+    return ConfigError(f"{where}{did}; allowed: {', '.join(allowed)}")
+
+
 def parse_dtype(value: str | None, *, field_name: str) -> torch.dtype | None:
     """Map a config dtype string to torch, naming the field on error."""
     if value is None:
@@ -152,12 +170,7 @@ class MergeConfig:
     def from_yaml(cls, path: str | Path) -> MergeConfig:
         """Read and validate a YAML config; relative model paths resolve against its folder."""
         path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file {path} not found")
-        try:
-            data = yaml.safe_load(path.read_text())
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+        data = read_yaml(path, "config file")
         return cls.from_dict(data, source=str(path), root=path.parent)
 
     @classmethod
@@ -171,12 +184,7 @@ class MergeConfig:
             if key in UNSUPPORTED_KEYS:
                 raise ConfigError(f"{source}: '{key}': {UNSUPPORTED_KEYS[key]}")
             if key not in SUPPORTED_KEYS:
-                hint = difflib.get_close_matches(str(key), SUPPORTED_KEYS, n=1)
-                did = f" (did you mean '{hint[0]}'?)" if hint else ""
-                raise ConfigError(
-                    f"{source}: unknown key '{key}'{did}; supported keys: "
-                    + ", ".join(SUPPORTED_KEYS)
-                )
+                raise unknown_key(key, SUPPORTED_KEYS, f"{source}: unknown key '{key}'")
         if "merge_method" not in data:
             raise ConfigError(f"{source}: 'merge_method' is required")
         method = str(data["merge_method"])

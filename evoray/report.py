@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from evoray.evaluation import classification_scores
+from evoray.evaluation import classification_scores, mean_score
 from evoray.execution.tune_runner import Shared
 
 
@@ -31,8 +31,7 @@ def member_test_scores(shared: Shared) -> dict[str, dict[str, dict[str, dict[str
 
 
 def _mean(scores: dict[str, dict[str, float]], metric: str = "accuracy") -> float:
-    vals = [s[metric] for s in scores.values()]
-    return sum(vals) / len(vals) if vals else float("nan")
+    return mean_score(scores, metric) if scores else float("nan")
 
 
 def run_label(summary: dict[str, Any]) -> str:

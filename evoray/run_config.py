@@ -8,14 +8,12 @@ Every field is checked on load and errors name the file and the field.
 
 from __future__ import annotations
 
-import difflib
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-import yaml
-
+from evoray.config import read_yaml, unknown_key
 from evoray.errors import ConfigError
 from evoray.evolution.evolver import EvolverSettings
 from evoray.evolution.greedy import GreedySettings
@@ -75,14 +73,7 @@ class RunConfig:
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> RunConfig:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"run config {path} not found")
-        try:
-            data = yaml.safe_load(path.read_text())
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"{path}: not valid YAML: {exc}") from None
-        return cls.from_dict(data, source=str(path))
+        return cls.from_dict(read_yaml(path, "run config"), source=str(path))
 
     @classmethod
     def from_dict(cls, data: Any, *, source: str = "<config>") -> RunConfig:
@@ -208,6 +199,4 @@ def _check_keys(data: Mapping, allowed, source: str, prefix: str) -> None:
 
 
 def _unknown(key: str, allowed, source: str, prefix: str) -> None:
-    hint = difflib.get_close_matches(str(key), list(allowed), n=1)
-    did = f" (did you mean '{hint[0]}'?)" if hint else ""
-    raise ConfigError(f"{source}: unknown key '{prefix}{key}'{did}; allowed: {', '.join(allowed)}")
+    raise unknown_key(key, allowed, f"{source}: unknown key '{prefix}{key}'")

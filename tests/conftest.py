@@ -7,6 +7,7 @@ stray download attempt should fail fast instead of hanging on a timeout.
 from __future__ import annotations
 
 import os
+import weakref
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -88,3 +89,36 @@ def ray_local():
         ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     yield ray
     ray.shutdown()
+
+
+class TensorReads:
+    """Counts ``Checkpoint.get`` calls and the most tensors they returned alive at once."""
+
+    def __init__(self) -> None:
+        self.reads = 0
+        self.peak = 0
+        self._live: set[int] = set()
+
+    def seen(self, t: torch.Tensor) -> None:
+        key = id(t)
+        self._live.add(key)
+        weakref.finalize(t, self._live.discard, key)
+        self.reads += 1
+        self.peak = max(self.peak, len(self._live))
+
+
+@pytest.fixture
+def tensor_reads(monkeypatch: pytest.MonkeyPatch) -> TensorReads:
+    """Peak-memory probe for streaming code: one live tensor per input is the bound to test."""
+    from evoray import checkpoint as checkpoint_mod
+
+    counter = TensorReads()
+    original = checkpoint_mod.Checkpoint.get
+
+    def counting_get(self, name):
+        t = original(self, name)
+        counter.seen(t)
+        return t
+
+    monkeypatch.setattr(checkpoint_mod.Checkpoint, "get", counting_get)
+    return counter

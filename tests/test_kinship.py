@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import weakref
 from pathlib import Path
 
 import numpy as np
@@ -205,27 +204,13 @@ def test_per_layer_values(tiny_base, models):
     assert data["per_layer"]["layers.0"]["n_elements"] == res.layers["layers.0"].n
 
 
-def test_sequential_holds_one_tensor_per_checkpoint(tiny_base, models, monkeypatch):
+def test_sequential_holds_one_tensor_per_checkpoint(tiny_base, models, tensor_reads):
     """Memory: at most one live tensor per checkpoint (base + N), each tensor read once."""
-    live: set[int] = set()
-    peak, reads = [0], [0]
-    original = checkpoint_mod.Checkpoint.get
-
-    def counting_get(self, name):
-        t = original(self, name)
-        key = id(t)
-        live.add(key)
-        weakref.finalize(t, live.discard, key)
-        reads[0] += 1
-        peak[0] = max(peak[0], len(live))
-        return t
-
-    monkeypatch.setattr(checkpoint_mod.Checkpoint, "get", counting_get)
     kinship_matrix(tiny_base, models, parallel=False, per_layer=True, chunk_elems=256)
     with open_checkpoint(tiny_base) as b:
         n_float = sum(b.info(n).dtype.is_floating_point for n in b.names())
-    assert reads[0] == (len(models) + 1) * n_float
-    assert peak[0] <= len(models) + 1
+    assert tensor_reads.reads == (len(models) + 1) * n_float
+    assert tensor_reads.peak <= len(models) + 1
 
 
 # --- output -------------------------------------------------------------------------------------

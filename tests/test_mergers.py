@@ -45,16 +45,6 @@ LAYOUT = _layout(
 N = 4
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models run fastest on one thread; with more, a busy machine's thread contention
-    makes these per-example loops many times slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def _psd(d: int, gen: torch.Generator) -> torch.Tensor:
     x = torch.randn(7, d, generator=gen)
     return x.T @ x

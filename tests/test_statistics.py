@@ -23,16 +23,6 @@ from evoray.statistics import (
 N_LABELS = 3
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models run fastest on one thread; with more, a busy machine's thread contention
-    makes these per-example loops many times slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def model():
     from transformers import BertConfig, BertForSequenceClassification

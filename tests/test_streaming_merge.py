@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import weakref
 from pathlib import Path
 
 import pytest
@@ -215,23 +214,8 @@ def test_hub_id_resolves_from_offline_cache(tmp_path, tiny_finetunes, monkeypatc
     )
 
 
-def test_streaming_holds_one_tensor_per_input(tmp_path, tiny_base, tiny_finetunes, monkeypatch):
+def test_streaming_holds_one_tensor_per_input(tmp_path, tiny_base, tiny_finetunes, tensor_reads):
     """Peak memory: at most one live tensor per input at any time, each tensor read once."""
-    live: set[int] = set()
-    peak = [0]
-    reads = [0]
-    original = checkpoint_mod.Checkpoint.get
-
-    def counting_get(self, name):
-        t = original(self, name)
-        key = id(t)
-        live.add(key)
-        weakref.finalize(t, live.discard, key)
-        reads[0] += 1
-        peak[0] = max(peak[0], len(live))
-        return t
-
-    monkeypatch.setattr(checkpoint_mod.Checkpoint, "get", counting_get)
     cfg = MergeConfig.from_dict(
         {
             "merge_method": "ties",
@@ -246,8 +230,8 @@ def test_streaming_holds_one_tensor_per_input(tmp_path, tiny_base, tiny_finetune
     out = merge_to_folder(cfg, tmp_path / "out", max_shard_bytes=20_000)
     n_tensors = len(tensors_of(out))
     assert len(list(out.glob("model-*.safetensors"))) > 1  # streamed into several shards
-    assert reads[0] == 4 * n_tensors  # base + 3 models, each tensor read exactly once
-    assert peak[0] <= 4
+    assert tensor_reads.reads == 4 * n_tensors  # base + 3 models, each tensor read exactly once
+    assert tensor_reads.peak <= 4
 
 
 # --- bad input ------------------------------------------------------------------------------

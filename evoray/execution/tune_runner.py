@@ -22,6 +22,7 @@ from typing import Any
 import ray
 from ray import tune
 
+from evoray.evaluation import mean_score
 from evoray.evolution.evolver import EvolverState
 from evoray.execution.evolver_run import EvolverRun
 from evoray.execution.monitoring import RunMetrics
@@ -211,8 +212,7 @@ def _evaluations(run, state) -> int:
 
 
 def _mean(scores: dict[str, dict[str, float]], metric: str = "accuracy") -> float | None:
-    vals = [s[metric] for s in scores.values()]
-    return sum(vals) / len(vals) if vals else None
+    return mean_score(scores, metric) if scores else None
 
 
 def save_vector(ref, layout: Layout, like: str, out_dir: Path, summary: dict) -> Path:
