@@ -72,6 +72,14 @@ def unknown_key(key: Any, allowed: Any, where: str) -> ConfigError:
     return ConfigError(f"{where}{did}; allowed: {', '.join(allowed)}")
 
 
+def check_keys(data: Any, allowed: Any, source: str, prefix: str) -> None:
+    """ConfigError for the first key of mapping ``data`` not in ``allowed`` ('s.yml: unknown
+    key 'fusion.lamb' (did you mean 'lam'?)'); ``prefix`` is the dotted path of the section."""
+    for key in data:
+        if key not in allowed:
+            raise unknown_key(key, allowed, f"{source}: unknown key '{prefix}{key}'")
+
+
 def parse_dtype(value: str | None, *, field_name: str) -> torch.dtype | None:
     """Map a config dtype string to torch, naming the field on error."""
     if value is None:

@@ -20,3 +20,16 @@ class CheckpointError(EvorayError):
 
 class LayoutError(EvorayError):
     """Checkpoints do not share one layout: architecture, tensor names, shapes or dtypes differ."""
+
+
+def ray_get(refs):
+    """``ray.get(refs)``, but an ``EvorayError`` raised inside a Ray task comes back as itself
+    (Ray wraps it in a ``RayTaskError``), so the CLI still prints one clear line."""
+    import ray
+
+    try:
+        return ray.get(refs)
+    except ray.exceptions.RayTaskError as exc:
+        if isinstance(exc.cause, EvorayError):
+            raise exc.cause from None
+        raise

@@ -36,7 +36,7 @@ import torch
 
 from evoray.checkpoint import Checkpoint, open_checkpoint
 from evoray.config import layer_index, tensor_position
-from evoray.errors import EvorayError
+from evoray.errors import EvorayError, ray_get
 from evoray.kinship import KinshipSums
 from evoray.layout import Layout
 
@@ -452,12 +452,7 @@ def _ray_sums(
         )
         for g in groups
     ]
-    try:
-        return ray.get(refs)
-    except ray.exceptions.RayTaskError as e:
-        if isinstance(e.cause, EvorayError):
-            raise e.cause from None
-        raise
+    return ray_get(refs)
 
 
 # ---------------------------------------------------------------------------------------------

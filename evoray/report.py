@@ -35,16 +35,11 @@ def _mean(scores: dict[str, dict[str, float]], metric: str = "accuracy") -> floa
 
 
 def run_label(summary: dict[str, Any]) -> str:
-    """A short name for a run: strategy and the settings that tell runs apart."""
-    st, strategy = summary["settings"], summary.get("strategy", "evolver")
-    if strategy == "evolver":
-        mode = "individual" if st["merger"] == "none" else f"+{st['merger']}"
-        return f"Evolver F={st['F']:.2g} CR={st['CR']:.2g} {mode}"
-    if strategy == "kinship_greedy":
-        return f"kinship greedy k={st['k']} {st['operator']}"
-    return f"recipe search {st['method']} {st['sampler']}" + (
-        " per-layer" if st["per_layer"] else ""
-    )
+    """A short name for a run: strategy and the settings that tell runs apart (the same label
+    as in ``evoray report``'s plots)."""
+    from evoray.report_plots import run_label as settings_label
+
+    return settings_label(summary.get("strategy", "evolver"), summary["settings"])
 
 
 def run_table(

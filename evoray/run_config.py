@@ -13,7 +13,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from evoray.config import read_yaml, unknown_key
+from evoray.config import check_keys, read_yaml, unknown_key
 from evoray.errors import ConfigError
 from evoray.evolution.evolver import EvolverSettings
 from evoray.evolution.greedy import GreedySettings
@@ -79,7 +79,7 @@ class RunConfig:
     def from_dict(cls, data: Any, *, source: str = "<config>") -> RunConfig:
         if not isinstance(data, Mapping):
             raise ConfigError(f"{source}: expected a mapping at the top level")
-        _check_keys(data, TOP_KEYS, source, "")
+        check_keys(data, TOP_KEYS, source, "")
         strategy = data.get("strategy", "evolver")
         if strategy not in STRATEGIES:
             raise ConfigError(
@@ -91,7 +91,7 @@ class RunConfig:
                     f"{source}: '{other}' settings given but strategy is {strategy!r}"
                 )
         models = _section(data, "models", source)
-        _check_keys(models, ("zoo", "base", "members"), source, "models.")
+        check_keys(models, ("zoo", "base", "members"), source, "models.")
         if "zoo" in models and ("members" in models or "base" in models):
             raise ConfigError(f"{source}: models: give either 'zoo' or 'base' + 'members'")
         if "zoo" not in models and len(models.get("members") or []) < 2:
@@ -106,9 +106,9 @@ class RunConfig:
         cls_ = settings_class(strategy)
         own = _section(data, strategy, source)
         names = [f.name for f in fields(cls_)]
-        _check_keys(own, names, source, f"{strategy}.")
+        check_keys(own, names, source, f"{strategy}.")
         search = _section(data, "search", source)
-        _check_keys(search, ("grid", "optuna"), source, "search.")
+        check_keys(search, ("grid", "optuna"), source, "search.")
         grid = dict(search.get("grid") or {})
         for key, values in grid.items():
             if key not in names:
@@ -125,9 +125,9 @@ class RunConfig:
                 raise ConfigError(f"{source}: {strategy}: {exc}") from None
         execution = _section(data, "execution", source)
         exec_names = [f.name for f in fields(ExecutionSpec)]
-        _check_keys(execution, exec_names, source, "execution.")
+        check_keys(execution, exec_names, source, "execution.")
         output = _section(data, "output", source)
-        _check_keys(output, ("run_dir",), source, "output.")
+        check_keys(output, ("run_dir",), source, "output.")
         tasks = _section(data, "tasks", source) or {"kind": "zoo"}
         return cls(
             strategy=strategy,
@@ -158,7 +158,7 @@ def _check_optuna(optuna: Any, source: str) -> None:
     """``search.optuna``: {num_samples, seed, space: {setting: [low, high]}} (uniform ranges)."""
     if not isinstance(optuna, Mapping):
         raise ConfigError(f"{source}: search.optuna: expected a mapping")
-    _check_keys(optuna, ("num_samples", "seed", "space"), source, "search.optuna.")
+    check_keys(optuna, ("num_samples", "seed", "space"), source, "search.optuna.")
     n = optuna.get("num_samples", 4)
     if not isinstance(n, int) or n < 1:
         raise ConfigError(f"{source}: search.optuna.num_samples: expected a positive integer")
@@ -190,12 +190,6 @@ def _section(data: Mapping, key: str, source: str) -> dict:
     if not isinstance(value, Mapping):
         raise ConfigError(f"{source}: {key}: expected a mapping")
     return dict(value)
-
-
-def _check_keys(data: Mapping, allowed, source: str, prefix: str) -> None:
-    for key in data:
-        if key not in allowed:
-            _unknown(key, allowed, source, prefix)
 
 
 def _unknown(key: str, allowed, source: str, prefix: str) -> None:
