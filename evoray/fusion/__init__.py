@@ -13,17 +13,29 @@ class FusionError(EvorayError, ValueError):
     """Fusion inputs cannot be used: empty vocab/sequence, unalignable tokenizers, bad shapes."""
 
 
-from evoray.fusion.align import align_sequences, normalize_token, vocab_map  # noqa: E402
-from evoray.fusion.distill import (  # noqa: E402
-    fuse_avg_ce,
-    fuse_min_ce,
-    fusellm_loss,
-    fusion_loss,
-    map_to_target,
-    mean_ce,
-    per_token_ce,
-    topk_logits,
-)
+_EXPORTS = {
+    "align_sequences": "align",
+    "normalize_token": "align",
+    "vocab_map": "align",
+    "fuse_avg_ce": "distill",
+    "fuse_min_ce": "distill",
+    "fusellm_loss": "distill",
+    "fusion_loss": "distill",
+    "map_to_target": "distill",
+    "mean_ce": "distill",
+    "per_token_ce": "distill",
+    "topk_logits": "distill",
+}
+
+
+def __getattr__(name: str):
+    """Re-exports load on first use, so ``evoray --help`` does not import torch."""
+    if name in _EXPORTS:
+        import importlib
+
+        return getattr(importlib.import_module(f"evoray.fusion.{_EXPORTS[name]}"), name)
+    raise AttributeError(f"module 'evoray.fusion' has no attribute {name!r}")
+
 
 __all__ = [
     "FusionError",
