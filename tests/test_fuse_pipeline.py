@@ -195,3 +195,149 @@ def test_errors_missing_special_tokens(corpus):
     assert isinstance(info.value, EvorayError)
     with pytest.raises(FusionError, match="bos"):
         source_distributions(torch.nn.Linear(1, 1), tok, ["the"], k=1)
+
+
+def _weights(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(str(Path(path) / "model.safetensors"))
+
+
+def test_training_as_ray_tasks_equals_in_process(tmp_path, corpus, models, ray_local):
+    """Both trainings as Ray tasks (one CPU each, run at once) give the same weights as
+    running them here; errors inside a task come back as the same FusionError."""
+    from evoray.fusion.remote import run_jobs
+
+    sources, target = models
+    train = corpus[0][:12]
+    dists = extract_all(sources, train, tmp_path / "d", k=4, use_ray=False)
+    common = {"target_path": target, "texts": train, "steps": 3, "lr": 1e-2, "batch_size": 4}
+    fused = {**common, "source_paths": sources, "dist_dirs": dists, "k": 4, "lam": 0.5}
+
+    def jobs(tag: str):
+        return [
+            (clm_train, {**common, "out_dir": tmp_path / tag / "clm"}),
+            (fuse_train, {**fused, "out_dir": tmp_path / tag / "fused"}),
+        ]
+
+    here = run_jobs(jobs("here"), use_ray=False)
+    remote = run_jobs(jobs("ray"), use_ray=True, num_cpus=1)
+    assert [r["device"] for r in remote] == ["cpu", "cpu"]
+    assert all(r["gpu_ids"] == [] and r["node_id"] for r in remote)
+    for a, b in zip(here, remote, strict=True):
+        assert a["losses"] == b["losses"]
+        wa, wb = _weights(a["out_dir"]), _weights(b["out_dir"])
+        assert wa.keys() == wb.keys()
+        for name in wa:
+            torch.testing.assert_close(wa[name], wb[name], rtol=0, atol=0)
+    with pytest.raises(FusionError, match="corpus is empty"):
+        run_jobs([(clm_train, {**common, "texts": [], "out_dir": tmp_path / "e"})], use_ray=True)
+    with pytest.raises(FusionError, match=r"gpus=1 but the Ray cluster has 0"):
+        run_jobs(jobs("gpu"), use_ray=True, num_gpus=1)
+    with pytest.raises(FusionError, match=r"gpus=1 but the Ray cluster has 0"):
+        extract_all(sources, train, tmp_path / "g", k=4, use_ray=True, num_gpus=1)
+
+
+_FAKE_GPU_SCRIPT = """
+import sys, ray
+from evoray.fusion import FusionError
+from evoray.fusion.remote import run_jobs
+from evoray.fusion.train import clm_train
+ray.init(num_cpus=1, num_gpus=1, include_dashboard=False, log_to_driver=False)
+target, out = sys.argv[1], sys.argv[2]
+job = {"target_path": target, "texts": ["the cat ."] * 4, "steps": 1, "batch_size": 2}
+try:
+    run_jobs([(clm_train, {**job, "out_dir": out + "/a"})], use_ray=True, num_gpus=1)
+except FusionError as exc:
+    print("REFUSED:", exc)
+res = run_jobs([(clm_train, {**job, "out_dir": out + "/b", "device": "cpu"})],
+               use_ray=True, num_gpus=1)
+print("GPU_IDS:", res[0]["gpu_ids"], res[0]["device"])
+"""
+
+
+def test_gpu_request_reaches_the_task(tmp_path, models):
+    """A Ray that advertises one (fake) GPU: the task is given GPU 0; with the CPU build of
+    torch it refuses to run on 'auto' instead of silently training on the CPU."""
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in __import__("os").environ.items() if k != "RAY_ADDRESS"}
+    proc = subprocess.run(
+        [sys.executable, "-c", _FAKE_GPU_SCRIPT, str(models[1]), str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=240,
+        env=env,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    if torch.cuda.is_available():  # pragma: no cover - GPU machines train for real
+        assert "GPU_IDS: ['0'] cuda" in proc.stdout
+        return
+    assert "REFUSED: Ray gave this task GPU(s) ['0'] but torch" in proc.stdout
+    assert "GPU_IDS: ['0'] cpu" in proc.stdout
+
+
+def test_bf16_autocast_trains_and_saves_fp32(tmp_path, corpus, models):
+    from evoray.fusion.train import resolve_device
+
+    _, target = models
+    res = clm_train(
+        target, corpus[0][:8], steps=3, lr=1e-2, batch_size=4, precision="bf16", out_dir=tmp_path
+    )
+    assert all(np.isfinite(res["losses"])) and res["loss_after"] < res["loss_before"]
+    assert all(w.dtype == torch.float32 for w in _weights(tmp_path).values())
+    if not torch.cuda.is_available():
+        with pytest.raises(FusionError, match="torch sees no GPU"):
+            resolve_device("cuda")
+    with pytest.raises(FusionError, match="precision must be one of"):
+        clm_train(target, corpus[0][:8], steps=1, precision="fp16", out_dir=tmp_path / "x")
+
+
+def test_save_model_replaces_whole_folders_only(tmp_path, models, monkeypatch):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from evoray.fusion.train import save_model
+
+    _, target = models
+    model = AutoModelForCausalLM.from_pretrained(str(target))
+    tok = AutoTokenizer.from_pretrained(str(target))
+    out = save_model(model, tok, tmp_path / "m")
+    before = (out / "model.safetensors").read_bytes()
+
+    def crash(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(type(model), "save_pretrained", crash)
+    with pytest.raises(OSError, match="disk full"):
+        save_model(model, tok, out)
+    assert (out / "model.safetensors").read_bytes() == before
+    monkeypatch.undo()
+    save_model(model, tok, out)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]  # no temp or old folders left
+
+
+def test_cli_with_ray_runs_every_step_as_a_task(tmp_path, ray_local, capsys):
+    from evoray.cli import main
+
+    cfg = tmp_path / "fuse.yaml"
+    cfg.write_text(
+        "corpus: {seed: 2, n_train: 12, n_heldout: 4}\n"
+        "use_ray: true\n"
+        "resources: {num_cpus: 0.5}\n"
+        "sources:\n"
+        "  - {name: char, tokenizer: char, hidden: 16, steps: 1}\n"
+        "  - {name: bpe70, tokenizer: bpe, vocab_size: 70, hidden: 16, steps: 1}\n"
+        "target: {tokenizer: bpe, vocab_size: 50, hidden: 16}\n"
+        "fusion: {k: 3, steps: 2, batch_size: 4, temperature: 2.0, kind: kl}\n"
+        f"output_dir: {tmp_path / 'run'}\n"
+    )
+    assert main(["fuse", str(cfg), "--json", str(tmp_path / "r.json")]) == 0
+    assert "target after FuseLLM" in capsys.readouterr().out
+    import json
+
+    result = json.loads((tmp_path / "r.json").read_text())
+    assert result["devices"] == ["cpu", "cpu"]
+    for name in ("sources/char", "sources/bpe70", "target_init", "target_clm", "target_fused"):
+        assert (tmp_path / "run" / name / "model.safetensors").is_file()
+    assert not list((tmp_path / "run").glob(".*tmp*"))

@@ -369,3 +369,75 @@ def test_fuse_avg_ce_uncovered_position_stays_masked():
     loss = fusion_loss(student, v, i, m, kind="kl")
     loss.backward()
     assert torch.isfinite(student.grad).all()
+
+
+@pytest.mark.parametrize("kind", ["ce", "kl"])
+@pytest.mark.parametrize("lam", [0.0, 0.9, 1.0])
+def test_batched_loss_equals_per_sequence_loop(kind, lam):
+    """One padded pass == mean of per-sequence ``fusellm_loss`` (values and gradients),
+    with ragged lengths, ragged teacher k and unaligned positions."""
+    from evoray.fusion.distill import fusellm_loss_batch, pad_teachers
+
+    g = torch.Generator().manual_seed(0)
+    lengths, ks, vocab = [7, 4, 6], [3, 5, 2], 11
+    width = max(lengths)
+    logits = torch.randn(len(lengths), width, vocab, generator=g, requires_grad=True)
+    ids = torch.randint(0, vocab, (len(lengths), width), generator=g)
+    labels = ids.clone()
+    teachers = []
+    for b, (n, k) in enumerate(zip(lengths, ks, strict=True)):
+        labels[b, n:] = -100
+        v = torch.randn(n, k, generator=g)
+        v[0, -1] = float("-inf")  # an empty slot
+        ix = torch.randint(0, vocab, (n, k), generator=g, dtype=torch.int32)
+        m = torch.rand(n, generator=g) > 0.3
+        m[1] = True
+        teachers.append((v, ix, m))
+    loop = torch.stack(
+        [
+            fusellm_loss(logits[b, :n], ids[b, :n], *teachers[b], lam, kind, 1.5)
+            for b, n in enumerate(lengths)
+        ]
+    ).mean()
+    (grad_loop,) = torch.autograd.grad(loop, logits)
+    batch = fusellm_loss_batch(
+        logits, labels, *pad_teachers(teachers, width), lam=lam, kind=kind, temperature=1.5
+    )
+    (grad_batch,) = torch.autograd.grad(batch, logits)
+    torch.testing.assert_close(batch, loop)
+    torch.testing.assert_close(grad_batch, grad_loop)
+    assert torch.isfinite(grad_batch).all()
+
+
+def test_batched_loss_rejects_bad_input():
+    from evoray.fusion.distill import fusellm_loss_batch
+
+    logits = torch.zeros(2, 3, 5)
+    labels = torch.tensor([[1, 2, 3], [1, -100, -100]])
+    with pytest.raises(FusionError, match="all shifted labels -100"):
+        fusellm_loss_batch(logits, labels, None, None, None, lam=1.0)
+    with pytest.raises(FusionError, match="needs fused teacher"):
+        fusellm_loss_batch(logits, torch.tensor([[1, 2, 3], [1, 2, -100]]), None, None, None)
+    with pytest.raises(FusionError, match=r"\[B, T, V\]"):
+        fusellm_loss_batch(logits[0], labels[0], None, None, None, lam=1.0)
+
+
+def test_vocab_map_word_start_and_space_tokens():
+    src = {"▁cat": 0, "cat": 1, " ": 2, "▁": 3}
+    tgt = {"cat": 0, "▁cat": 1, "▁": 2, "x": 3}
+    out = vocab_map({"Ġcat": 0, "cat": 1, " ": 2}, tgt)
+    assert list(out) == [1, 0, 2]  # 'Ġcat' -> '▁cat' (word start kept); ' ' -> bare marker
+    assert list(vocab_map(src, tgt)) == [1, 0, 2, 2]
+
+
+def test_vocab_map_prefix_fallback_picks_what_the_target_emits_first():
+    tgt = {"ouse": 0, "▁h": 1, "▁ho": 2, "▁s": 3, "ho": 4, "zz": 5}
+    src = {"▁house": 0, "house": 1, "▁zz": 2}
+    edit = vocab_map(src, tgt)
+    assert edit[0] == 0 and edit[1] == 0  # 'house' is 1 edit from 'ouse'
+    prefix = vocab_map(src, tgt, fallback="prefix")
+    assert prefix[0] == 2  # longest word-start prefix '▁ho', not '▁h' or mid-word 'ho'
+    assert prefix[1] == 4  # mid-word 'house' -> mid-word 'ho'
+    assert prefix[2] == 5  # same text, other word-start status, before any prefix
+    with pytest.raises(FusionError, match="fallback must be one of"):
+        vocab_map(src, tgt, fallback="nearest")

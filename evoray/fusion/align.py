@@ -45,68 +45,118 @@ def _levenshtein_bucket(s: str, codes: np.ndarray) -> np.ndarray:
 
 class _Nearest:
     """Nearest target token by edit distance; candidates bucketed by length, searched outward
-    from the query's length and stopped once the length gap alone exceeds the best distance."""
+    from the query's length and stopped once the length gap alone exceeds the best distance.
 
-    def __init__(self, norm_to_id: dict[str, int]) -> None:
-        by_len: dict[int, list[tuple[int, str]]] = {}
-        for s, i in norm_to_id.items():
-            by_len.setdefault(len(s), []).append((i, s))
-        self.buckets: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+    Ties (common: 'cat' is one edit from both 'ca' and 'at') go to a target token that is a
+    prefix of the query (what the target itself would emit first for that text), then to one
+    with the same word-start status, then to the lowest id.
+    """
+
+    def __init__(self, entries: dict[tuple[str, bool], int]) -> None:
+        by_len: dict[int, list[tuple[int, str, bool]]] = {}
+        for (s, ws), i in entries.items():
+            by_len.setdefault(len(s), []).append((i, s, ws))
+        self.buckets: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
         for length, items in by_len.items():
             items.sort()
-            ids = np.array([i for i, _ in items], dtype=np.int64)
-            codes = np.array([[ord(c) for c in s] for _, s in items], dtype=np.int32)
-            self.buckets[length] = (ids, codes.reshape(len(items), length))
-        self.cache: dict[str, int] = {}
+            ids = np.array([i for i, _, _ in items], dtype=np.int64)
+            codes = np.array([[ord(c) for c in s] for _, s, _ in items], dtype=np.int32)
+            ws = np.array([w for _, _, w in items], dtype=bool)
+            self.buckets[length] = (ids, codes.reshape(len(items), length), ws)
+        self.cache: dict[tuple[str, bool], int] = {}
 
-    def __call__(self, s: str) -> int:
-        if s in self.cache:
-            return self.cache[s]
-        best = (np.iinfo(np.int64).max, np.iinfo(np.int64).max)  # (distance, id)
+    def __call__(self, s: str, ws: bool) -> int:
+        if (s, ws) in self.cache:
+            return self.cache[(s, ws)]
+        query = np.array([ord(c) for c in s], dtype=np.int32)
+        best = (np.iinfo(np.int64).max,) * 4  # (distance, not prefix, ws mismatch, id)
         for length in sorted(self.buckets, key=lambda n: (abs(n - len(s)), n)):
             if abs(length - len(s)) > best[0]:
                 break
-            ids, codes = self.buckets[length]
-            dist = _levenshtein_bucket(s, codes)
-            j = int(np.argmin(dist))  # ids ascending: first minimum is the lowest id
-            best = min(best, (int(dist[j]), int(ids[j])))
-        self.cache[s] = best[1]
-        return best[1]
+            ids, codes, bucket_ws = self.buckets[length]
+            dist = _levenshtein_bucket(s, codes).astype(np.int64)
+            if length <= len(s):
+                not_prefix = ~(codes == query[:length]).all(axis=1)
+            else:
+                not_prefix = np.ones(len(ids), dtype=bool)
+            key = dist * 4 + not_prefix * 2 + (bucket_ws != ws)
+            j = int(np.argmin(key))  # ids ascending: the first minimum is the lowest id
+            best = min(
+                best, (int(dist[j]), int(not_prefix[j]), int(bucket_ws[j] != ws), int(ids[j]))
+            )
+        self.cache[(s, ws)] = best[3]
+        return best[3]
 
 
-def vocab_map(src_vocab: dict[str, int], tgt_vocab: dict[str, int]) -> np.ndarray:
+VOCAB_FALLBACKS = ("edit_distance", "prefix")
+
+
+def vocab_map(
+    src_vocab: dict[str, int], tgt_vocab: dict[str, int], fallback: str = "edit_distance"
+) -> np.ndarray:
     """Map every source token id to a target token id (int32 array indexed by source id).
 
-    Priority: the identical raw token; else the lowest target id with the same normalised text;
-    else the target whose normalised text is nearest by Levenshtein distance (ties: lowest id).
-    Source ids missing from a non-contiguous vocab map to -1.
+    Priority: the identical raw token; else the lowest target id with the same normalised text
+    and word-start status ('▁cat' -> 'Ġcat' before 'cat'), then with the same text; else the
+    target whose normalised text is nearest by Levenshtein distance (ties: see ``_Nearest``).
+    ``fallback="prefix"`` first tries the longest target token (same word-start status) that
+    the source token's text starts with: the token the target itself would emit first for that
+    text ('▁house' -> '▁ho', where edit distance picks the suffix 'ouse'), which suits
+    next-token distributions; edit distance remains for tokens with no such prefix.
+    Whitespace-only tokens (a character tokenizer's ' ') normalise to '' and map to a bare
+    word marker when the target has one.  Source ids missing from a non-contiguous vocab map
+    to -1.
     """
     if not src_vocab or not tgt_vocab:
         side = "source" if not src_vocab else "target"
         raise FusionError(f"cannot align: the {side} vocabulary is empty")
+    if fallback not in VOCAB_FALLBACKS:
+        raise FusionError(f"vocab map fallback must be one of {VOCAB_FALLBACKS}, got {fallback!r}")
+    entries: dict[tuple[str, bool], int] = {}
     norm_to_id: dict[str, int] = {}
     for tok, i in sorted(tgt_vocab.items(), key=lambda kv: kv[1]):
-        norm_to_id.setdefault(normalize_token(tok), i)
+        norm = _norm(tok)
+        entries.setdefault((norm, _ws(tok)), i)
+        norm_to_id.setdefault(norm, i)
     out = np.full(max(src_vocab.values()) + 1, -1, dtype=np.int32)
-    pending: list[tuple[int, str]] = []
+    pending: list[tuple[int, str, bool]] = []
     for tok, i in src_vocab.items():
         if tok in tgt_vocab:
             out[i] = tgt_vocab[tok]
             continue
-        norm = normalize_token(tok)
-        if norm in norm_to_id:
+        norm, ws = _norm(tok), _ws(tok)
+        if (norm, ws) in entries:
+            out[i] = entries[(norm, ws)]
+        elif norm in norm_to_id:
             out[i] = norm_to_id[norm]
         else:
-            pending.append((i, norm))
+            pending.append((i, norm, ws))
     if len(pending) == len(src_vocab):
         raise FusionError(
             "cannot align: no source token matches any target token, even after normalising "
             "word markers ('Ġ', '▁', '##'); the tokenizers do not share a script or alphabet"
         )
-    nearest = _Nearest(norm_to_id)
-    for i, norm in pending:
-        out[i] = nearest(norm)
+    nearest = _Nearest(entries)
+    for i, norm, ws in pending:
+        prefix = _longest_prefix(norm, ws, entries) if fallback == "prefix" else None
+        out[i] = nearest(norm, ws) if prefix is None else prefix
     return out
+
+
+def _longest_prefix(norm: str, ws: bool, entries: dict[tuple[str, bool], int]) -> int | None:
+    for length in range(len(norm) - 1, 0, -1):
+        hit = entries.get((norm[:length], ws))
+        if hit is not None:
+            return hit
+    return None
+
+
+def _norm(tok: str) -> str:
+    return "" if tok and not tok.strip() else normalize_token(tok)
+
+
+def _ws(tok: str) -> bool:
+    return tok[:1] in (*_MARKERS, " ")
 
 
 def _char_alignment(a: str, b: str) -> np.ndarray:

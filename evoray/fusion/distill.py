@@ -219,3 +219,85 @@ def fusellm_loss(
         student_logits, fused_values, fused_indices, mask, kind, temperature, labels=labels
     )
     return lam * clm + (1.0 - lam) * fusion
+
+
+def pad_teachers(teachers: Sequence[Dist], width: int) -> Dist:
+    """Stack per-sequence teachers into ``[B, width, K]`` (K = the largest k): empty slots get
+    ``-inf`` values, positions beyond a sequence get ``mask`` False."""
+    if not teachers:
+        raise FusionError("no teacher distributions to stack")
+    k = max(t[0].shape[1] for t in teachers)
+    values = torch.full((len(teachers), width, k), float("-inf"))
+    indices = torch.zeros((len(teachers), width, k), dtype=torch.int32)
+    mask = torch.zeros((len(teachers), width), dtype=torch.bool)
+    for b, (v, i, m) in enumerate(teachers):
+        n, kb = v.shape
+        if n > width:
+            raise FusionError(f"teacher {b} covers {n} positions, more than the width {width}")
+        values[b, :n, :kb], indices[b, :n, :kb], mask[b, :n] = v, i, m
+    return values, indices, mask
+
+
+def fusellm_loss_batch(
+    student_logits: torch.Tensor,
+    labels: torch.Tensor,
+    fused_values: torch.Tensor | None,
+    fused_indices: torch.Tensor | None,
+    mask: torch.Tensor | None,
+    lam: float = 0.9,
+    kind: str = "ce",
+    temperature: float = 1.0,
+) -> torch.Tensor:
+    """``fusellm_loss`` for a padded batch in one pass: the mean over sequences of each
+    sequence's ``lam * CLM + (1 - lam) * fusion`` (so it equals the per-sequence loop).
+
+    ``student_logits`` [B, T, V]; ``labels`` [B, T] with -100 on padding; teachers from
+    ``pad_teachers`` ([B, T, K], [B, T, K], [B, T]) or all None when ``lam == 1``.
+    """
+    if student_logits.dim() != 3 or labels.shape != student_logits.shape[:2]:
+        raise FusionError(
+            f"student logits {tuple(student_logits.shape)} must be [B, T, V] and labels "
+            f"{tuple(labels.shape)} [B, T]"
+        )
+    if not 0.0 <= lam <= 1.0:
+        raise FusionError(f"lam must be in [0, 1], got {lam}")
+    if kind not in ("ce", "kl"):
+        raise FusionError(f"kind must be 'ce' or 'kl', got {kind!r}")
+    if temperature <= 0:
+        raise FusionError(f"temperature must be > 0, got {temperature}")
+    shifted = labels[:, 1:]
+    valid = shifted != -100  # [B, T-1]
+    counts = valid.sum(-1)
+    if bool((counts == 0).any()):
+        raise FusionError("a sequence has all shifted labels -100: nothing to train on")
+    logits = student_logits[:, :-1].float()
+    ce = F.cross_entropy(
+        logits.reshape(-1, logits.shape[-1]),
+        shifted.reshape(-1).long(),
+        ignore_index=-100,
+        reduction="none",
+    ).view_as(shifted)
+    clm = (ce * valid).sum(-1) / counts
+    if lam == 1.0:
+        return clm.mean()
+    if fused_values is None or fused_indices is None or mask is None:
+        raise FusionError("lam < 1 needs fused teacher values, indices and mask")
+    width = student_logits.shape[1]
+    if fused_values.shape[:2] != (labels.shape[0], width) or mask.shape != labels.shape:
+        raise FusionError(
+            f"teachers {tuple(fused_values.shape)} / mask {tuple(mask.shape)} must cover the "
+            f"batch [B={labels.shape[0]}, T={width}]"
+        )
+    use = mask[:, :-1].bool() & valid  # position j predicts token j + 1
+    log_q = torch.gather(
+        torch.log_softmax(logits / temperature, dim=-1), -1, fused_indices[:, :-1].long()
+    )
+    tv = fused_values[:, :-1].float() / temperature
+    log_p = torch.log_softmax(torch.where(use[..., None], tv, torch.zeros_like(tv)), dim=-1)
+    p = torch.where(use[..., None], log_p.exp(), torch.zeros_like(log_p))
+    per_pos = -(p * log_q).sum(-1)
+    if kind == "kl":
+        per_pos = per_pos + torch.where(p > 0, p * log_p, torch.zeros_like(p)).sum(-1)
+    n_use = use.sum(-1)
+    fusion = torch.where(n_use > 0, (per_pos * use).sum(-1) / n_use.clamp_min(1), 0.0)
+    return (lam * clm + (1.0 - lam) * fusion).mean()

@@ -1,10 +1,11 @@
 """``evoray fuse CONFIG.yml``: FuseLLM end to end on tiny offline models.
 
-Builds (``build: true``) a generated corpus, source LMs with different tokenizers and a target
-LM, extracts the sources' top-k distributions (one Ray actor per source when Ray is running and
-``use_ray`` is set), then trains the target twice from the same start: plain CLM and FuseLLM
-(same steps, same batches), and prints held-out perplexities.  ``cli.build_parser`` registers
-it with ``add_fuse_parser(sub)``.
+Builds a generated corpus, source LMs with different tokenizers and a target LM (those without
+a ``path``), extracts the sources' top-k distributions, then trains the target twice from the
+same start: plain CLM and FuseLLM (same steps, same batches), and prints held-out perplexities.
+With ``use_ray`` every build, extraction and training is a Ray task reserving ``resources``
+(``num_gpus: 1`` puts each on its own GPU).  ``cli.build_parser`` registers it with
+``add_fuse_parser(sub)``.
 """
 
 from __future__ import annotations
@@ -12,16 +13,10 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from evoray.fusion import FusionError
-
-_SOURCE_DEFAULTS = {"tokenizer": "bpe", "vocab_size": 200, "hidden": 48, "layers": 2}
-_SOURCE_DEFAULTS.update({"steps": 200, "lr": 3e-3, "seed": 1})
-_TARGET_DEFAULTS = {"tokenizer": "bpe", "vocab_size": 120, "hidden": 32, "layers": 2}
-_TARGET_DEFAULTS.update({"steps": 0, "lr": 3e-3, "seed": 0})
-_FUSION_DEFAULTS = {"method": "avg_ce", "lam": 0.9, "kind": "ce", "k": 10, "steps": 100}
-_FUSION_DEFAULTS.update({"lr": 3e-3, "batch_size": 8, "seed": 0})
+if TYPE_CHECKING:
+    from evoray.fusion.fuse_config import FuseConfig, ModelSpec
 
 
 def add_fuse_parser(subparsers: Any) -> argparse.ArgumentParser:
@@ -37,105 +32,87 @@ def add_fuse_parser(subparsers: Any) -> argparse.ArgumentParser:
     f.add_argument("config", help="e.g. search_spaces/fusellm.yaml")
     f.add_argument("--out", type=Path, default=None, help="override output_dir of the config")
     f.add_argument("--json", type=Path, default=None, help="also write the results as JSON")
+    f.add_argument(
+        "--address", default=None, help="Ray address for use_ray (default: RAY_ADDRESS or local)"
+    )
+    f.add_argument("--num-cpus", type=int, default=None, help="CPUs of a local Ray (use_ray)")
     f.set_defaults(func=_cmd_fuse)
     return f
 
 
-def _tokenizer(spec: dict, texts: list[str]):
+def _tokenizer(spec: ModelSpec, texts: list[str]):
     from evoray.fusion.corpus import build_bpe_tokenizer, build_char_tokenizer
 
-    if spec["tokenizer"] == "char":
+    if spec.tokenizer == "char":
         return build_char_tokenizer(texts)
-    if spec["tokenizer"] == "bpe":
-        return build_bpe_tokenizer(texts, int(spec["vocab_size"]))
-    raise FusionError(f"tokenizer must be 'char' or 'bpe', got {spec['tokenizer']!r}")
+    return build_bpe_tokenizer(texts, spec.vocab_size)
 
 
-def _build_model(spec: dict, train: list[str], path: Path) -> Path:
-    """Build tokenizer + tiny LM, save, then train it ``steps`` CLM steps (in place)."""
+def build_model(spec: ModelSpec, texts: list[str], path: str | Path) -> dict:
+    """Build ``spec``'s tokenizer + tiny LM on ``texts``, save it to ``path``, then train it
+    ``spec.steps`` CLM steps in place.  A job for ``run_jobs`` (returns a dict)."""
     from evoray.fusion.corpus import make_tiny_lm
-    from evoray.fusion.train import clm_train
+    from evoray.fusion.train import clm_train, save_model
 
-    tok = _tokenizer(spec, train)
-    model = make_tiny_lm(tok, int(spec["seed"]), int(spec["hidden"]), int(spec["layers"]))
-    model.save_pretrained(str(path), safe_serialization=True)
-    tok.save_pretrained(str(path))
-    if int(spec["steps"]) > 0:
-        clm_train(
-            path,
-            train,
-            steps=int(spec["steps"]),
-            lr=float(spec["lr"]),
-            seed=int(spec["seed"]),
-            out_dir=path,
-        )
-    return path
+    tok = _tokenizer(spec, texts)
+    path = save_model(make_tiny_lm(tok, spec.seed, spec.hidden, spec.layers), tok, path)
+    if spec.steps > 0:
+        clm_train(path, texts, steps=spec.steps, lr=spec.lr, seed=spec.seed, out_dir=path)
+    return {"out_dir": path}
 
 
-def run_fuse(config: dict, out: Path | None = None, report=print) -> dict:
-    """Run the whole experiment described by ``config``; returns the perplexities."""
+def run_fuse(cfg: FuseConfig, out: Path | None = None, report=print) -> dict:
+    """Run the whole experiment described by ``cfg``; returns the perplexities.
+
+    With ``cfg.use_ray`` (Ray initialised by the caller) building the models, extracting the
+    sources' distributions and the two target trainings each run as Ray tasks with
+    ``cfg.resources``; else everything runs here, one step after the other.
+    """
     from evoray.fusion.corpus import make_corpus
+    from evoray.fusion.remote import run_jobs
     from evoray.fusion.sources import extract_all
     from evoray.fusion.train import clm_train, fuse_train, heldout_perplexity
 
-    corpus = config.get("corpus", {})
-    train, heldout = make_corpus(
-        int(corpus.get("seed", 0)),
-        int(corpus.get("n_train", 400)),
-        int(corpus.get("n_heldout", 100)),
-    )
-    if not train or not heldout:
-        raise FusionError("the corpus needs n_train > 0 and n_heldout > 0")
-    out = Path(out or config.get("output_dir", "runs/fusellm"))
-    build = bool(config.get("build", True))
-    sources = config.get("sources") or []
-    if not sources:
-        raise FusionError("the config lists no sources")
-    src_paths, names = [], []
-    for i, raw in enumerate(sources):
-        spec = {**_SOURCE_DEFAULTS, **raw}
-        name = str(spec.get("name", f"source_{i}"))
-        if build and "path" not in spec:
-            report(f"building source {name} ({spec['tokenizer']}) ...")
-            src_paths.append(_build_model(spec, train, out / "sources" / name))
-        elif "path" in spec:
-            src_paths.append(Path(spec["path"]))
-        else:
-            raise FusionError(f"source {name} has no path and build is false")
-        names.append(name)
-    tspec = {**_TARGET_DEFAULTS, **config.get("target", {})}
-    if build and "path" not in tspec:
-        report("building target ...")
-        target = _build_model(tspec, train, out / "target_init")
-    elif "path" in tspec:
-        target = Path(tspec["path"])
-    else:
-        raise FusionError("the target has no path and build is false")
-    fz = {**_FUSION_DEFAULTS, **config.get("fusion", {})}
-    use_ray = bool(config.get("use_ray", False))
+    train, heldout = make_corpus(cfg.corpus.seed, cfg.corpus.n_train, cfg.corpus.n_heldout)
+    out = Path(out or cfg.output_dir)
+    res = cfg.resources
+    ray_opts = {"use_ray": cfg.use_ray, "num_cpus": res.num_cpus, "num_gpus": res.num_gpus}
+    models = [*cfg.sources, cfg.target]
+    folders = [out / "sources" / s.name for s in cfg.sources] + [out / "target_init"]
+    to_build = [(m, f) for m, f in zip(models, folders, strict=True) if m.path is None]
+    if to_build:
+        report(f"building {', '.join(m.name for m, _ in to_build)} ...")
+        run_jobs(
+            [(build_model, {"spec": m, "texts": train, "path": f}) for m, f in to_build], **ray_opts
+        )
+    paths = [f if m.path is None else Path(m.path) for m, f in zip(models, folders, strict=True)]
+    src_paths, target = paths[:-1], paths[-1]
+    fz = cfg.fusion
     report("extracting source distributions ...")
-    dist_dirs = extract_all(src_paths, train, out / "distributions", int(fz["k"]), use_ray)
+    dist_dirs = extract_all(src_paths, train, out / "distributions", fz.k, **ray_opts)
     common = {
-        "steps": int(fz["steps"]),
-        "lr": float(fz["lr"]),
-        "seed": int(fz["seed"]),
-        "batch_size": int(fz["batch_size"]),
+        "steps": fz.steps,
+        "lr": fz.lr,
+        "seed": fz.seed,
+        "batch_size": fz.batch_size,
+        "device": fz.device,
+        "precision": fz.precision,
     }
-    report("training target: plain CLM ...")
-    clm_train(target, train, out_dir=out / "target_clm", **common)
-    report(f"training target: FuseLLM ({fz['method']}, lam={fz['lam']}) ...")
-    fuse_train(
-        target,
-        src_paths,
-        train,
-        method=str(fz["method"]),
-        lam=float(fz["lam"]),
-        kind=str(fz["kind"]),
-        k=int(fz["k"]),
-        out_dir=out / "target_fused",
-        dist_dirs=dist_dirs,
-        **common,
-    )
+    fused = {
+        "method": fz.method,
+        "lam": fz.lam,
+        "kind": fz.kind,
+        "temperature": fz.temperature,
+        "k": fz.k,
+        "vocab_fallback": fz.vocab_map,
+        "dist_dirs": dist_dirs,
+    }
+    report(f"training target: plain CLM and FuseLLM ({fz.method}, lam={fz.lam:g}) ...")
+    clm_job = {"target_path": target, "texts": train, "out_dir": out / "target_clm", **common}
+    fuse_job = {"target_path": target, "source_paths": src_paths, "texts": train, **common}
+    fuse_job.update(fused, out_dir=out / "target_fused")
+    trained = run_jobs([(clm_train, clm_job), (fuse_train, fuse_job)], **ray_opts)
+    names = [s.name for s in cfg.sources]
     result = {
         "sources": {
             n: heldout_perplexity(p, heldout) for n, p in zip(names, src_paths, strict=True)
@@ -143,6 +120,7 @@ def run_fuse(config: dict, out: Path | None = None, report=print) -> dict:
         "target_before": heldout_perplexity(target, heldout),
         "target_clm": heldout_perplexity(out / "target_clm", heldout),
         "target_fused": heldout_perplexity(out / "target_fused", heldout),
+        "devices": [t["device"] for t in trained],
     }
     report("")
     report(f"{'model':<28} {'held-out perplexity':>20}")
@@ -157,23 +135,19 @@ def run_fuse(config: dict, out: Path | None = None, report=print) -> dict:
 
 def _cmd_fuse(args: argparse.Namespace) -> int:
     import torch
-    import yaml
+
+    from evoray.fusion.remote import quiet_transformers
 
     torch.set_num_threads(1)
-    try:
-        from transformers.utils import logging as hf_logging
+    quiet_transformers()
+    from evoray.fusion.fuse_config import FuseConfig
 
-        hf_logging.disable_progress_bar()
-    except ImportError:  # pragma: no cover
-        pass
-    path = Path(args.config)
-    try:
-        config = yaml.safe_load(path.read_text()) or {}
-    except (OSError, yaml.YAMLError) as exc:
-        raise FusionError(f"cannot read fuse config {path}: {exc}") from exc
-    if not isinstance(config, dict):
-        raise FusionError(f"fuse config {path} must be a mapping")
-    result = run_fuse(config, getattr(args, "out", None))
+    cfg = FuseConfig.from_yaml(args.config)
+    if cfg.use_ray:
+        from evoray.execution.tune_runner import ensure_ray
+
+        ensure_ray(getattr(args, "address", None), getattr(args, "num_cpus", None))
+    result = run_fuse(cfg, getattr(args, "out", None))
     if getattr(args, "json", None):
         Path(args.json).write_text(json.dumps(result, indent=2))
     return 0

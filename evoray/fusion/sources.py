@@ -141,6 +141,9 @@ class SourceWorker:
     def __init__(self, model_path: str | Path, k: int = 10, device: str | None = None) -> None:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
+        from evoray.fusion.remote import quiet_transformers
+
+        quiet_transformers()
         torch.set_num_threads(1)
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         self.tokenizer = AutoTokenizer.from_pretrained(str(model_path))
@@ -158,10 +161,13 @@ def extract_all(
     out_dir: str | Path,
     k: int = 10,
     use_ray: bool = True,
+    num_cpus: float = 1,
+    num_gpus: float = 0,
 ) -> list[Path]:
     """Write ``out_dir/source_<i>/shard-00000.parquet`` for every source model path; returns the
-    per-source folders.  With ``use_ray`` and Ray initialised, one actor per source (each is
-    killed when done, so more sources than CPUs do not wait forever); else in-process."""
+    per-source folders.  With ``use_ray`` and Ray initialised, one actor per source reserving
+    ``num_cpus``/``num_gpus`` (each is killed when done, so more sources than GPUs queue instead
+    of waiting forever); else in-process."""
     if not texts:
         raise FusionError("no texts to extract source distributions from")
     if not sources:
@@ -172,7 +178,10 @@ def extract_all(
     import ray
 
     if use_ray and ray.is_initialized():
-        actor_cls = ray.remote(num_cpus=1)(SourceWorker)
+        from evoray.fusion.remote import check_capacity
+
+        check_capacity(num_cpus, num_gpus)
+        actor_cls = ray.remote(num_cpus=num_cpus, num_gpus=num_gpus)(SourceWorker)
         pending = {}
         for src, d in zip(sources, dirs, strict=True):
             actor = actor_cls.remote(str(src), k)

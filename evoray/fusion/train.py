@@ -9,7 +9,10 @@ sources: the plain continual-training baseline.
 
 from __future__ import annotations
 
+import contextlib
+import os
 import random
+import shutil
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -17,7 +20,13 @@ import torch
 
 from evoray.fusion import FusionError
 from evoray.fusion.align import align_sequences, normalize_token, vocab_map
-from evoray.fusion.distill import fuse_avg_ce, fuse_min_ce, fusellm_loss, map_to_target
+from evoray.fusion.distill import (
+    fuse_avg_ce,
+    fuse_min_ce,
+    fusellm_loss_batch,
+    map_to_target,
+    pad_teachers,
+)
 from evoray.fusion.sources import encode_ids, extract_all, read_shards
 
 METHODS = {"avg_ce": fuse_avg_ce, "min_ce": fuse_min_ce}
@@ -34,7 +43,7 @@ def _content_vocab(tokenizer) -> set[str]:
     return {normalize_token(t) for t in tokenizer.get_vocab() if t not in specials} - {""}
 
 
-def checked_vocab_map(src_tok, tgt_tok, name: str = "source"):
+def checked_vocab_map(src_tok, tgt_tok, name: str = "source", fallback: str = "edit_distance"):
     """``vocab_map`` source -> target, after checking that the two share at least one
     non-special token (specials like '<s>' alone would make any pair look alignable)."""
     if not _content_vocab(src_tok) & _content_vocab(tgt_tok):
@@ -42,11 +51,16 @@ def checked_vocab_map(src_tok, tgt_tok, name: str = "source"):
             f"cannot align {name} with the target: their tokenizers share no token (special "
             "tokens aside) even after normalising word markers; they do not cover the same text"
         )
-    return vocab_map(src_tok.get_vocab(), tgt_tok.get_vocab())
+    return vocab_map(src_tok.get_vocab(), tgt_tok.get_vocab(), fallback)
 
 
 def fused_teachers(
-    tgt_tok, texts: Sequence[str], source_paths: Sequence[str | Path], dist_dirs, method: str
+    tgt_tok,
+    texts: Sequence[str],
+    source_paths: Sequence[str | Path],
+    dist_dirs,
+    method: str,
+    vocab_fallback: str = "edit_distance",
 ) -> tuple[list[list[int]], list[tuple]]:
     """Target ids per text and the fused ``(values, indices, mask)`` per text."""
     from transformers import AutoTokenizer
@@ -61,7 +75,9 @@ def fused_teachers(
         key = str(src)
         if key not in vmaps:
             src_tok = AutoTokenizer.from_pretrained(key)
-            vmaps[key] = checked_vocab_map(src_tok, tgt_tok, name=f"source {i} ({src})")
+            vmaps[key] = checked_vocab_map(
+                src_tok, tgt_tok, name=f"source {i} ({src})", fallback=vocab_fallback
+            )
         rows = read_shards(d)
         if [r["text"] for r in rows] != list(texts):
             raise FusionError(f"the distributions in {d} were extracted from other texts")
@@ -100,39 +116,108 @@ def _batches(n: int, batch_size: int, steps: int, seed: int) -> list[list[int]]:
     return out
 
 
-def _batch_loss(model, ids_list, teachers, idx, lam, kind, temperature):
+def _batch(ids_list, idx, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Right-padded ``input_ids``, ``attention_mask`` and ``labels`` (-100 on padding)."""
     width = max(len(ids_list[i]) for i in idx)
     ids = torch.zeros((len(idx), width), dtype=torch.long)
     mask = torch.zeros((len(idx), width), dtype=torch.long)
     for b, i in enumerate(idx):
         ids[b, : len(ids_list[i])] = torch.tensor(ids_list[i])
         mask[b, : len(ids_list[i])] = 1
-    logits = model(input_ids=ids, attention_mask=mask).logits
-    losses = []
-    for b, i in enumerate(idx):
-        n = len(ids_list[i])
-        if teachers is None:
-            empty = torch.zeros((n, 1)), torch.zeros((n, 1), dtype=torch.int32)
-            v, ix, m = (*empty, torch.zeros(n, dtype=torch.bool))
-        else:
-            v, ix, m = teachers[i]
-        losses.append(fusellm_loss(logits[b, :n], ids[b, :n], v, ix, m, lam, kind, temperature))
-    return torch.stack(losses).mean()
+    labels = ids.masked_fill(mask == 0, -100)
+    return ids.to(device), mask.to(device), labels.to(device)
+
+
+def _batch_loss(model, ids_list, teachers, idx, lam, kind, temperature, device, autocast):
+    ids, mask, labels = _batch(ids_list, idx, device)
+    with autocast():
+        logits = model(input_ids=ids, attention_mask=mask).logits
+    if teachers is None:
+        return fusellm_loss_batch(logits, labels, None, None, None, 1.0, kind, temperature)
+    v, ix, m = (t.to(device) for t in pad_teachers([teachers[i] for i in idx], ids.shape[1]))
+    return fusellm_loss_batch(logits, labels, v, ix, m, lam, kind, temperature)
+
+
+def resolve_device(device: str = "auto") -> torch.device:
+    """``auto``: CUDA when torch sees a GPU, else CPU.  An explicit ``cuda`` without a GPU is an
+    error (a CPU build of torch, or no GPU given to this process), not a silent CPU run."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise FusionError(
+            f"device {device!r} asked for but torch sees no GPU here (torch {torch.__version__}; "
+            "a CPU build, or no GPU assigned to this process); use device: auto or cpu"
+        )
+    return dev
+
+
+PRECISIONS = ("fp32", "bf16")
+
+
+def _autocast(device: torch.device, precision: str):
+    if precision not in PRECISIONS:
+        raise FusionError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    if precision == "fp32":
+        return contextlib.nullcontext
+    return lambda: torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+
+
+def save_model(model, tok, out_dir: str | Path) -> Path:
+    """Save model + tokenizer so that ``out_dir`` is always whole: written beside it, then
+    renamed over it (a crash mid-save leaves the previous folder, not a torn one).  Entries of
+    an existing ``out_dir`` the save does not write (``distributions/``) are carried over."""
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out_dir.with_name(f".{out_dir.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(str(tmp), safe_serialization=True)
+    tok.save_pretrained(str(tmp))
+    if out_dir.exists():
+        for entry in out_dir.iterdir():
+            if not (tmp / entry.name).exists():
+                os.replace(entry, tmp / entry.name)
+        old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
+        os.replace(out_dir, old)
+        os.replace(tmp, out_dir)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, out_dir)
+    return out_dir
 
 
 def _train_loop(
-    model, tok, ids_list, teachers, *, lam, kind, temperature, steps, lr, seed, batch_size, out_dir
+    model,
+    tok,
+    ids_list,
+    teachers,
+    *,
+    lam,
+    kind,
+    temperature,
+    steps,
+    lr,
+    seed,
+    batch_size,
+    out_dir,
+    device="auto",
+    precision="fp32",
 ) -> dict:
+    """AdamW on the padded batches of ``_batches``; weights stay float32 (``bf16`` autocasts
+    the forward pass).  Saves model + tokenizer to ``out_dir``."""
+    dev = resolve_device(device)
+    autocast = _autocast(dev, precision)
     torch.manual_seed(seed)
+    model.to(dev)
     everything = list(range(len(ids_list)))
     eval_idx = [everything[i : i + 32] for i in range(0, len(everything), 32)]
+    args = (lam, kind, temperature, dev, autocast)
 
     def full_loss() -> float:
         model.eval()
         with torch.no_grad():
             total = sum(
-                float(_batch_loss(model, ids_list, teachers, b, lam, kind, temperature)) * len(b)
-                for b in eval_idx
+                float(_batch_loss(model, ids_list, teachers, b, *args)) * len(b) for b in eval_idx
             )
         return total / len(everything)
 
@@ -141,16 +226,20 @@ def _train_loop(
     model.train()
     losses = []
     for idx in _batches(len(ids_list), batch_size, steps, seed):
-        loss = _batch_loss(model, ids_list, teachers, idx, lam, kind, temperature)
+        loss = _batch_loss(model, ids_list, teachers, idx, *args)
         opt.zero_grad()
         loss.backward()
         opt.step()
         losses.append(float(loss.detach()))
     after = full_loss()
-    out_dir = Path(out_dir)
-    model.save_pretrained(str(out_dir), safe_serialization=True)
-    tok.save_pretrained(str(out_dir))
-    return {"out_dir": out_dir, "loss_before": before, "loss_after": after, "losses": losses}
+    out_dir = save_model(model.to("cpu"), tok, out_dir)
+    return {
+        "out_dir": out_dir,
+        "loss_before": before,
+        "loss_after": after,
+        "losses": losses,
+        "device": str(dev),
+    }
 
 
 def fuse_train(
@@ -170,6 +259,9 @@ def fuse_train(
     out_dir: str | Path,
     dist_dirs: Sequence[str | Path] | None = None,
     use_ray: bool = False,
+    device: str = "auto",
+    precision: str = "fp32",
+    vocab_fallback: str = "edit_distance",
 ) -> dict:
     """Train the target at ``target_path`` with FuseLLM on ``texts``; save it to ``out_dir``.
 
@@ -190,7 +282,7 @@ def fuse_train(
         dist_dirs = extract_all(
             source_paths, texts, Path(out_dir) / "distributions", k=k, use_ray=use_ray
         )
-    ids_list, teachers = fused_teachers(tok, texts, source_paths, dist_dirs, method)
+    ids_list, teachers = fused_teachers(tok, texts, source_paths, dist_dirs, method, vocab_fallback)
     return _train_loop(
         model,
         tok,
@@ -204,6 +296,8 @@ def fuse_train(
         seed=seed,
         batch_size=batch_size,
         out_dir=out_dir,
+        device=device,
+        precision=precision,
     )
 
 
@@ -216,6 +310,8 @@ def clm_train(
     seed: int = 0,
     batch_size: int = 8,
     out_dir: str | Path,
+    device: str = "auto",
+    precision: str = "fp32",
 ) -> dict:
     """Plain causal-LM continual training (``lam = 1``, no sources), same loop and batches as
     ``fuse_train``: the baseline FuseLLM is compared against."""
@@ -237,6 +333,8 @@ def clm_train(
         seed=seed,
         batch_size=batch_size,
         out_dir=out_dir,
+        device=device,
+        precision=precision,
     )
 
 

@@ -1,0 +1,204 @@
+"""The ``evoray fuse`` config: parsed and checked before any model is built.
+
+Every section is a frozen dataclass whose fields are the allowed keys; an unknown key, a wrong
+type or an out-of-range value is a ``ConfigError`` naming the file and the dotted field
+(``fusellm.yaml: fusion.lam must be in [0, 1], got 1.5``), as for ``evoray run`` configs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from evoray.config import check_keys, read_yaml
+from evoray.errors import ConfigError
+
+TOKENIZERS = ("char", "bpe")
+METHODS = ("avg_ce", "min_ce")
+KINDS = ("ce", "kl")
+DEVICES = ("auto", "cpu", "cuda")
+PRECISIONS = ("fp32", "bf16")
+VOCAB_MAPS = ("edit_distance", "prefix")
+
+
+@dataclass(frozen=True)
+class CorpusSpec:
+    """The generated corpus (``evoray.fusion.corpus.make_corpus``)."""
+
+    seed: int = 0
+    n_train: int = 400
+    n_heldout: int = 100
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """A source or the target: an existing HF folder (``path``) or one to build and train."""
+
+    name: str = ""
+    path: str | None = None
+    tokenizer: str = "bpe"
+    vocab_size: int = 200
+    hidden: int = 48
+    layers: int = 2
+    steps: int = 200
+    lr: float = 3e-3
+    seed: int = 1
+
+
+_TARGET_DEFAULTS = {"name": "target", "vocab_size": 120, "hidden": 32, "steps": 0, "seed": 0}
+
+
+@dataclass(frozen=True)
+class FusionSpec:
+    """FuseLLM training: the same ``steps``/``lr``/``batch_size``/``seed`` drive the CLM
+    baseline, so the two targets differ only in the objective."""
+
+    method: str = "avg_ce"
+    lam: float = 0.9
+    kind: str = "ce"
+    temperature: float = 1.0
+    k: int = 10
+    vocab_map: str = "edit_distance"
+    steps: int = 100
+    lr: float = 3e-3
+    batch_size: int = 8
+    seed: int = 0
+    device: str = "auto"
+    precision: str = "fp32"
+
+
+@dataclass(frozen=True)
+class ResourcesSpec:
+    """What each Ray task (a source's extraction actor, a training run) reserves."""
+
+    num_cpus: float = 1
+    num_gpus: float = 0
+
+
+@dataclass(frozen=True)
+class FuseConfig:
+    corpus: CorpusSpec = field(default_factory=CorpusSpec)
+    build: bool = True
+    use_ray: bool = False
+    resources: ResourcesSpec = field(default_factory=ResourcesSpec)
+    sources: tuple[ModelSpec, ...] = ()
+    target: ModelSpec = field(default_factory=lambda: ModelSpec(**_TARGET_DEFAULTS))
+    fusion: FusionSpec = field(default_factory=FusionSpec)
+    output_dir: str = "runs/fusellm"
+    source: str = "<config>"
+
+    @classmethod
+    def from_yaml(cls, path: str | Path) -> FuseConfig:
+        return cls.from_dict(read_yaml(path, "fuse config"), source=str(path))
+
+    @classmethod
+    def from_dict(cls, data: Any, *, source: str = "<config>") -> FuseConfig:
+        if data is None:
+            data = {}
+        if not isinstance(data, dict):
+            raise ConfigError(f"{source}: expected a mapping at the top level")
+        top = [f.name for f in fields(cls) if f.name != "source"]
+        check_keys(data, top, source, "")
+        raw_sources = data.get("sources") or []
+        if not isinstance(raw_sources, list) or not raw_sources:
+            raise ConfigError(f"{source}: sources: list at least one source model")
+        build = _typed(data.get("build", True), bool, source, "build")
+        sources = tuple(
+            _section(ModelSpec, raw, source, f"sources[{i}].", {"name": f"source_{i}"})
+            for i, raw in enumerate(raw_sources)
+        )
+        names = [s.name for s in sources]
+        if len(set(names)) != len(names):
+            raise ConfigError(f"{source}: sources: names must be distinct, got {names}")
+        target = _section(ModelSpec, data.get("target"), source, "target.", _TARGET_DEFAULTS)
+        for i, spec in enumerate(sources):
+            _check_model(spec, build, source, f"sources[{i}]")
+        _check_model(target, build, source, "target")
+        fusion = _section(FusionSpec, data.get("fusion"), source, "fusion.")
+        _check_fusion(fusion, source)
+        corpus = _section(CorpusSpec, data.get("corpus"), source, "corpus.")
+        if corpus.n_train < 1 or corpus.n_heldout < 1:
+            raise ConfigError(f"{source}: corpus: n_train and n_heldout must be >= 1")
+        resources = _section(ResourcesSpec, data.get("resources"), source, "resources.")
+        if resources.num_cpus < 0 or resources.num_gpus < 0:
+            raise ConfigError(f"{source}: resources: num_cpus and num_gpus must be >= 0")
+        return cls(
+            corpus=corpus,
+            build=build,
+            use_ray=_typed(data.get("use_ray", False), bool, source, "use_ray"),
+            resources=resources,
+            sources=sources,
+            target=target,
+            fusion=fusion,
+            output_dir=_typed(data.get("output_dir", "runs/fusellm"), str, source, "output_dir"),
+            source=source,
+        )
+
+
+def _typed(value: Any, kind: type, source: str, where: str) -> Any:
+    """``value`` as ``kind``: ints are accepted for floats; bools are never numbers."""
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if isinstance(value, kind) and not (kind in (int, float) and isinstance(value, bool)):
+        return value
+    raise ConfigError(f"{source}: {where}: expected {kind.__name__}, got {value!r}")
+
+
+def _section(cls, raw: Any, source: str, prefix: str, defaults: dict | None = None):
+    """Build dataclass ``cls`` from mapping ``raw`` (None = all defaults), checking key names
+    and value types against the field annotations."""
+    raw = {} if raw is None else raw
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: {prefix.rstrip('.')}: expected a mapping, got {raw!r}")
+    allowed = [f.name for f in fields(cls)]
+    check_keys(raw, allowed, source, prefix)
+    values = {**(defaults or {}), **raw}
+    kinds = {"int": int, "float": float, "str": str, "bool": bool, "str | None": str}
+    out = {}
+    for f in fields(cls):
+        if f.name not in values:
+            continue
+        value = values[f.name]
+        if value is None and f.type == "str | None":
+            out[f.name] = None
+            continue
+        out[f.name] = _typed(value, kinds[f.type], source, prefix + f.name)
+    return cls(**out)
+
+
+def _check_model(spec: ModelSpec, build: bool, source: str, where: str) -> None:
+    if spec.path is None and not build:
+        raise ConfigError(f"{source}: {where}: give a path (build is false)")
+    if spec.path is not None:
+        return
+    if spec.tokenizer not in TOKENIZERS:
+        raise ConfigError(
+            f"{source}: {where}.tokenizer must be one of {TOKENIZERS}, got {spec.tokenizer!r}"
+        )
+    for name in ("vocab_size", "hidden", "layers"):
+        if getattr(spec, name) < 1:
+            raise ConfigError(f"{source}: {where}.{name} must be >= 1")
+    if spec.hidden % 4:
+        raise ConfigError(f"{source}: {where}.hidden must be a multiple of 4 (4 attention heads)")
+    if spec.steps < 0 or spec.lr <= 0:
+        raise ConfigError(f"{source}: {where}: steps must be >= 0 and lr > 0")
+
+
+def _check_fusion(f: FusionSpec, source: str) -> None:
+    choices = {"method": METHODS, "kind": KINDS, "device": DEVICES, "precision": PRECISIONS}
+    choices["vocab_map"] = VOCAB_MAPS
+    for name, allowed in choices.items():
+        if getattr(f, name) not in allowed:
+            raise ConfigError(
+                f"{source}: fusion.{name} must be one of {allowed}, got {getattr(f, name)!r}"
+            )
+    if not 0.0 <= f.lam <= 1.0:
+        raise ConfigError(f"{source}: fusion.lam must be in [0, 1], got {f.lam}")
+    if f.temperature <= 0:
+        raise ConfigError(f"{source}: fusion.temperature must be > 0, got {f.temperature}")
+    for name in ("k", "steps", "batch_size"):
+        if getattr(f, name) < 1:
+            raise ConfigError(f"{source}: fusion.{name} must be >= 1, got {getattr(f, name)}")
+    if f.lr <= 0:
+        raise ConfigError(f"{source}: fusion.lr must be > 0, got {f.lr}")

@@ -1,0 +1,75 @@
+"""Fusion's heavy steps as Ray tasks: each training run reserves its own CPUs/GPUs.
+
+The CLM baseline and the FuseLLM target train independently, so on Ray they run at the same
+time, each on the GPU Ray assigns it (``num_gpus: 1``) or on CPUs.  Paths travel, not weights:
+on a multi-node cluster ``output_dir`` must be storage every node sees (as Tune's
+``storage_path``).  Without Ray the same jobs run one after the other in this process.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from evoray.errors import ray_get
+from evoray.fusion import FusionError
+
+Job = tuple[Callable[..., dict], dict[str, Any]]
+
+
+def check_capacity(num_cpus: float, num_gpus: float) -> None:
+    """Fail now, not hang: Ray waits forever for a task no node can hold."""
+    import ray
+
+    total = ray.cluster_resources()
+    for key, want in (("GPU", num_gpus), ("CPU", num_cpus)):
+        have = float(total.get(key, 0))
+        if want > have:
+            raise FusionError(
+                f"each fusion task asks for {key.lower()}s={want:g} but the Ray cluster has "
+                f"{have:g}; lower resources.num_{key.lower()}s in the fuse config or add nodes"
+            )
+
+
+def quiet_transformers() -> None:
+    """No per-file progress bars from Ray workers: the driver prints the progress."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+
+
+def _run_job(fn: Callable[..., dict], kwargs: dict[str, Any]) -> dict:
+    """Inside the Ray task: one torch thread per reserved CPU, refuse GPUs torch cannot use."""
+    import ray
+    import torch
+
+    quiet_transformers()
+    ctx = ray.get_runtime_context()
+    cpus = ctx.get_assigned_resources().get("CPU", 1)
+    torch.set_num_threads(max(1, int(cpus)))
+    gpu_ids = [str(g) for g in ray.get_gpu_ids()]
+    if gpu_ids and not torch.cuda.is_available() and kwargs.get("device", "auto") != "cpu":
+        raise FusionError(
+            f"Ray gave this task GPU(s) {gpu_ids} but torch {torch.__version__} sees no CUDA "
+            "device (a CPU build of torch on a GPU node?); install a CUDA torch, or set "
+            "resources.num_gpus: 0"
+        )
+    result = fn(**kwargs)
+    return {**result, "gpu_ids": gpu_ids, "node_id": ctx.get_node_id()}
+
+
+def run_jobs(
+    jobs: Sequence[Job], *, use_ray: bool, num_cpus: float = 1, num_gpus: float = 0
+) -> list[dict]:
+    """Results of ``fn(**kwargs)`` for every job, in order.  With ``use_ray`` (Ray must be
+    initialised) each job is one task with ``num_cpus``/``num_gpus`` and all run at once; an
+    EvorayError raised inside a task is re-raised here as itself."""
+    if not use_ray:
+        return [fn(**kwargs) for fn, kwargs in jobs]
+    import ray
+
+    if not ray.is_initialized():
+        raise FusionError("use_ray is set but Ray is not initialised (call ray.init first)")
+    check_capacity(num_cpus, num_gpus)
+    task = ray.remote(_run_job).options(num_cpus=num_cpus, num_gpus=num_gpus, max_retries=1)
+    return ray_get([task.remote(fn, kwargs) for fn, kwargs in jobs])
