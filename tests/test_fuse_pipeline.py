@@ -154,6 +154,8 @@ def test_cli_prints_three_perplexities(tmp_path, capsys):
         "target after CLM",
         "target after FuseLLM",
         "source char",
+        "target_clm: step 2/2, loss",  # progress of both trainings
+        "target_fused: step 2/2, loss",
     ):
         assert label in out
     assert (tmp_path / "run" / "target_fused" / "model.safetensors").is_file()

@@ -441,3 +441,24 @@ def test_vocab_map_prefix_fallback_picks_what_the_target_emits_first():
     assert prefix[2] == 5  # same text, other word-start status, before any prefix
     with pytest.raises(FusionError, match="fallback must be one of"):
         vocab_map(src, tgt, fallback="nearest")
+
+
+def test_keep_same_next_uses_a_source_only_where_next_tokens_agree():
+    """A finer source ('▁c at') against a target that emits '▁cat': token ends align at
+    '<s>', '▁the', 'cat' and '</s>', but the source's distribution is kept only where its next
+    token maps to the target's next token (FuseLLM's condition)."""
+    from evoray.fusion.align import keep_same_next
+
+    src = ["<s>", "▁the", "▁c", "at", "</s>"]
+    tgt = ["<s>", "▁the", "▁cat", "</s>"]
+    src_vocab = {t: i for i, t in enumerate(src)}
+    tgt_vocab = {t: i for i, t in enumerate([*tgt, "▁c"])}  # the target also knows '▁c'
+    vmap = vocab_map(src_vocab, tgt_vocab)
+    src_ids = [src_vocab[t] for t in src]
+    tgt_ids = [tgt_vocab[t] for t in tgt]
+    pairs = align_sequences(src, tgt)
+    assert pairs == [(0, 0), (1, 1), (3, 2), (4, 3)]
+    kept = keep_same_next(pairs, src_ids, tgt_ids, vmap)
+    # after '<s>' both emit '▁the'; after '▁the' the source emits '▁c', the target '▁cat';
+    # after 'cat' both emit '</s>'; the last pair has no next token
+    assert kept == [(0, 0), (3, 2)]

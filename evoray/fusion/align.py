@@ -9,6 +9,8 @@ marker (``'Ġ'``, ``'▁'``) normalises to ``''``: it carries no characters to a
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
 
 from evoray.fusion import FusionError
@@ -238,3 +240,25 @@ def align_sequences(src_tokens: list[str], tgt_tokens: list[str]) -> list[tuple[
         if e >= 0 and char_map[e] >= 0 and int(char_map[e]) in tgt_pos_of_end:
             pairs.append((i, tgt_pos_of_end[int(char_map[e])]))
     return pairs
+
+
+TEACHER_POSITIONS = ("same_next", "all")
+
+
+def keep_same_next(
+    pairs: list[tuple[int, int]],
+    src_ids: Sequence[int],
+    tgt_ids: Sequence[int],
+    vocab_map: np.ndarray,
+) -> list[tuple[int, int]]:
+    """The aligned pairs whose *next* tokens agree: source token ``i + 1`` maps (``vocab_map``)
+    to target token ``j + 1``.  FuseLLM's condition for using a source's distribution: there
+    both models are about to emit the same unit, so the source's alternatives are alternatives
+    at the target's granularity.  Elsewhere (a character model at a word end, a coarser or finer
+    split) the source's distribution is over different units and is better left out."""
+    n_src, n_tgt = len(src_ids), len(tgt_ids)
+    return [
+        (i, j)
+        for i, j in pairs
+        if i + 1 < n_src and j + 1 < n_tgt and int(vocab_map[src_ids[i + 1]]) == tgt_ids[j + 1]
+    ]

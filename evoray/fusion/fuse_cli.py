@@ -97,6 +97,7 @@ def run_fuse(cfg: FuseConfig, out: Path | None = None, report=print) -> dict:
         "batch_size": fz.batch_size,
         "device": fz.device,
         "precision": fz.precision,
+        "log_every": max(1, fz.steps // 5),
     }
     fused = {
         "method": fz.method,
@@ -105,6 +106,7 @@ def run_fuse(cfg: FuseConfig, out: Path | None = None, report=print) -> dict:
         "temperature": fz.temperature,
         "k": fz.k,
         "vocab_fallback": fz.vocab_map,
+        "positions": fz.positions,
         "dist_dirs": dist_dirs,
     }
     report(f"training target: plain CLM and FuseLLM ({fz.method}, lam={fz.lam:g}) ...")

@@ -13,13 +13,13 @@ from typing import Any
 
 from evoray.config import check_keys, read_yaml
 from evoray.errors import ConfigError
+from evoray.fusion.align import TEACHER_POSITIONS, VOCAB_FALLBACKS
 
 TOKENIZERS = ("char", "bpe")
 METHODS = ("avg_ce", "min_ce")
 KINDS = ("ce", "kl")
 DEVICES = ("auto", "cpu", "cuda")
 PRECISIONS = ("fp32", "bf16")
-VOCAB_MAPS = ("edit_distance", "prefix")
 
 
 @dataclass(frozen=True)
@@ -60,6 +60,7 @@ class FusionSpec:
     temperature: float = 1.0
     k: int = 10
     vocab_map: str = "edit_distance"
+    positions: str = "same_next"
     steps: int = 100
     lr: float = 3e-3
     batch_size: int = 8
@@ -187,7 +188,7 @@ def _check_model(spec: ModelSpec, build: bool, source: str, where: str) -> None:
 
 def _check_fusion(f: FusionSpec, source: str) -> None:
     choices = {"method": METHODS, "kind": KINDS, "device": DEVICES, "precision": PRECISIONS}
-    choices["vocab_map"] = VOCAB_MAPS
+    choices.update(vocab_map=VOCAB_FALLBACKS, positions=TEACHER_POSITIONS)
     for name, allowed in choices.items():
         if getattr(f, name) not in allowed:
             raise ConfigError(

@@ -19,7 +19,13 @@ from pathlib import Path
 import torch
 
 from evoray.fusion import FusionError
-from evoray.fusion.align import align_sequences, normalize_token, vocab_map
+from evoray.fusion.align import (
+    TEACHER_POSITIONS,
+    align_sequences,
+    keep_same_next,
+    normalize_token,
+    vocab_map,
+)
 from evoray.fusion.distill import (
     fuse_avg_ce,
     fuse_min_ce,
@@ -61,12 +67,20 @@ def fused_teachers(
     dist_dirs,
     method: str,
     vocab_fallback: str = "edit_distance",
+    positions: str = "same_next",
 ) -> tuple[list[list[int]], list[tuple]]:
-    """Target ids per text and the fused ``(values, indices, mask)`` per text."""
+    """Target ids per text and the fused ``(values, indices, mask)`` per text.
+
+    ``positions="same_next"`` (FuseLLM's rule) uses a source's distribution only where the
+    source's next token maps to the target's next token (``keep_same_next``); ``"all"`` uses it
+    at every pair of aligned token ends.
+    """
     from transformers import AutoTokenizer
 
     if method not in METHODS:
         raise FusionError(f"method must be one of {sorted(METHODS)}, got {method!r}")
+    if positions not in TEACHER_POSITIONS:
+        raise FusionError(f"positions must be one of {TEACHER_POSITIONS}, got {positions!r}")
     tgt_ids = [encode_ids(tgt_tok, t) for t in texts]
     tgt_tokens = [tgt_tok.convert_ids_to_tokens(ids) for ids in tgt_ids]
     per_source = []
@@ -88,6 +102,8 @@ def fused_teachers(
         for vmap, rows in per_source:
             r = rows[n]
             pairs = align_sequences(r["tokens"], tgt_tokens[n])
+            if positions == "same_next":
+                pairs = keep_same_next(pairs, r["input_ids"], ids, vmap)
             dists.append(
                 map_to_target(
                     torch.from_numpy(r["values"]),
@@ -202,6 +218,7 @@ def _train_loop(
     out_dir,
     device="auto",
     precision="fp32",
+    log_every=0,
 ) -> dict:
     """AdamW on the padded batches of ``_batches``; weights stay float32 (``bf16`` autocasts
     the forward pass).  Saves model + tokenizer to ``out_dir``."""
@@ -231,6 +248,13 @@ def _train_loop(
         loss.backward()
         opt.step()
         losses.append(float(loss.detach()))
+        if log_every and (len(losses) % log_every == 0 or len(losses) == steps):
+            window = losses[-log_every:]
+            print(
+                f"  {Path(out_dir).name}: step {len(losses)}/{steps}, "
+                f"loss {sum(window) / len(window):.4f}",
+                flush=True,
+            )
     after = full_loss()
     out_dir = save_model(model.to("cpu"), tok, out_dir)
     return {
@@ -262,13 +286,16 @@ def fuse_train(
     device: str = "auto",
     precision: str = "fp32",
     vocab_fallback: str = "edit_distance",
+    positions: str = "same_next",
+    log_every: int = 0,
 ) -> dict:
     """Train the target at ``target_path`` with FuseLLM on ``texts``; save it to ``out_dir``.
 
     ``dist_dirs`` are the sources' shard folders (from ``extract_all`` over the same texts, in
     ``source_paths`` order); without them the distributions are extracted first into
     ``out_dir/distributions``.  Returns ``out_dir`` and the full-corpus FuseLLM loss before and
-    after training (``loss_before`` / ``loss_after``) plus the per-step losses.
+    after training (``loss_before`` / ``loss_after``) plus the per-step losses; with
+    ``log_every`` it prints the mean loss of every ``log_every`` steps.
     """
     texts = list(texts)
     if not texts:
@@ -282,7 +309,9 @@ def fuse_train(
         dist_dirs = extract_all(
             source_paths, texts, Path(out_dir) / "distributions", k=k, use_ray=use_ray
         )
-    ids_list, teachers = fused_teachers(tok, texts, source_paths, dist_dirs, method, vocab_fallback)
+    ids_list, teachers = fused_teachers(
+        tok, texts, source_paths, dist_dirs, method, vocab_fallback, positions
+    )
     return _train_loop(
         model,
         tok,
@@ -298,6 +327,7 @@ def fuse_train(
         out_dir=out_dir,
         device=device,
         precision=precision,
+        log_every=log_every,
     )
 
 
@@ -312,6 +342,7 @@ def clm_train(
     out_dir: str | Path,
     device: str = "auto",
     precision: str = "fp32",
+    log_every: int = 0,
 ) -> dict:
     """Plain causal-LM continual training (``lam = 1``, no sources), same loop and batches as
     ``fuse_train``: the baseline FuseLLM is compared against."""
@@ -335,6 +366,7 @@ def clm_train(
         out_dir=out_dir,
         device=device,
         precision=precision,
+        log_every=log_every,
     )
 
 
