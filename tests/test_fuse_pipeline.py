@@ -20,9 +20,11 @@ from evoray.fusion.corpus import (
 )
 from evoray.fusion.sources import (
     SHARD_NAME,
+    SourceWorker,
     encode_ids,
     extract_all,
     read_shards,
+    shard_name,
     source_distributions,
     write_shard,
 )
@@ -92,18 +94,62 @@ def test_shards_round_trip_without_padding(tmp_path, corpus):
 
 
 def test_extract_in_process_equals_ray(tmp_path, corpus, models, ray_local):
+    """One shard here == three shards written by two actors per source on Ray."""
     sources, _ = models
-    texts = corpus[0][:8]
+    texts = corpus[0][:10]
     local = extract_all(sources, texts, tmp_path / "local", k=5, use_ray=False)
-    remote = extract_all(sources, texts, tmp_path / "ray", k=5, use_ray=True)
+    lines: list[str] = []
+    remote = extract_all(
+        sources,
+        texts,
+        tmp_path / "ray",
+        k=5,
+        use_ray=True,
+        num_cpus=0.5,
+        shard_size=4,
+        workers_per_source=2,
+        report=lines.append,
+    )
     assert [d.name for d in remote] == ["source_0", "source_1"]
+    assert len(lines) == 6 and any("source 1: shard-00002.parquet (2 texts)" in x for x in lines)
     for a, b in zip(local, remote, strict=True):
-        assert (b / SHARD_NAME).is_file()
+        assert sorted(p.name for p in b.iterdir()) == [shard_name(i) for i in range(3)]
         ra, rb = read_shards(a), read_shards(b)
+        assert [r["text"] for r in rb] == texts
         assert [r["tokens"] for r in ra] == [r["tokens"] for r in rb]
         for x, y in zip(ra, rb, strict=True):
             np.testing.assert_array_equal(x["indices"], y["indices"])
             np.testing.assert_allclose(x["values"], y["values"], atol=1e-5)
+
+
+def test_extraction_resumes_from_finished_shards(tmp_path, corpus, models, monkeypatch):
+    """A crash leaves whole shards; the rerun computes only the missing ones, and a shorter
+    corpus drops the stale tail."""
+    sources, _ = models
+    texts = corpus[0][:9]
+    first = extract_all(sources[:1], texts, tmp_path, k=3, use_ray=False, shard_size=4)
+    want = read_shards(first[0])
+    (first[0] / shard_name(1)).unlink()  # the crash hit while shard 1 was being written
+    calls: list[str] = []
+    original = SourceWorker.run
+
+    def counting(self, chunk, out_path):
+        calls.append(Path(out_path).name)
+        return original(self, chunk, out_path)
+
+    monkeypatch.setattr(SourceWorker, "run", counting)
+    again = extract_all(sources[:1], texts, tmp_path, k=3, use_ray=False, shard_size=4)
+    assert calls == [shard_name(1)]
+    got = read_shards(again[0])
+    assert [r["text"] for r in got] == texts
+    for x, y in zip(want, got, strict=True):
+        np.testing.assert_array_equal(x["indices"], y["indices"])
+    calls.clear()
+    extract_all(sources[:1], texts[:4], tmp_path, k=3, use_ray=False, shard_size=4)
+    assert calls == []  # shard 0 holds exactly these texts
+    assert [r["text"] for r in read_shards(again[0])] == texts[:4]
+    extract_all(sources[:1], texts[1:5], tmp_path, k=3, use_ray=False, shard_size=4)
+    assert calls == [shard_name(0)]  # other texts: recomputed, not trusted
 
 
 @pytest.mark.parametrize("method", ["avg_ce", "min_ce"])

@@ -89,7 +89,17 @@ def run_fuse(cfg: FuseConfig, out: Path | None = None, report=print) -> dict:
     src_paths, target = paths[:-1], paths[-1]
     fz = cfg.fusion
     report("extracting source distributions ...")
-    dist_dirs = extract_all(src_paths, train, out / "distributions", fz.k, **ray_opts)
+    ex = cfg.extraction
+    dist_dirs = extract_all(
+        src_paths,
+        train,
+        out / "distributions",
+        fz.k,
+        **ray_opts,
+        shard_size=ex.shard_size,
+        workers_per_source=ex.workers_per_source,
+        report=report,
+    )
     common = {
         "steps": fz.steps,
         "lr": fz.lr,

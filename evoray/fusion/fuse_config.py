@@ -70,6 +70,15 @@ class FusionSpec:
 
 
 @dataclass(frozen=True)
+class ExtractionSpec:
+    """Source top-k extraction: texts per Parquet shard (memory and resume granularity) and
+    actors per source sharing its shards (e.g. one per GPU when GPUs outnumber sources)."""
+
+    shard_size: int = 2048
+    workers_per_source: int = 1
+
+
+@dataclass(frozen=True)
 class ResourcesSpec:
     """What each Ray task (a source's extraction actor, a training run) reserves."""
 
@@ -83,6 +92,7 @@ class FuseConfig:
     build: bool = True
     use_ray: bool = False
     resources: ResourcesSpec = field(default_factory=ResourcesSpec)
+    extraction: ExtractionSpec = field(default_factory=ExtractionSpec)
     sources: tuple[ModelSpec, ...] = ()
     target: ModelSpec = field(default_factory=lambda: ModelSpec(**_TARGET_DEFAULTS))
     fusion: FusionSpec = field(default_factory=FusionSpec)
@@ -124,8 +134,14 @@ class FuseConfig:
         resources = _section(ResourcesSpec, data.get("resources"), source, "resources.")
         if resources.num_cpus < 0 or resources.num_gpus < 0:
             raise ConfigError(f"{source}: resources: num_cpus and num_gpus must be >= 0")
+        extraction = _section(ExtractionSpec, data.get("extraction"), source, "extraction.")
+        if extraction.shard_size < 1 or extraction.workers_per_source < 1:
+            raise ConfigError(
+                f"{source}: extraction: shard_size and workers_per_source must be >= 1"
+            )
         return cls(
             corpus=corpus,
+            extraction=extraction,
             build=build,
             use_ray=_typed(data.get("use_ray", False), bool, source, "use_ray"),
             resources=resources,

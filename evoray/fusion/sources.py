@@ -20,7 +20,7 @@ import torch
 from evoray.fusion import FusionError
 from evoray.fusion.distill import per_token_ce, topk_logits
 
-SHARD_NAME = "shard-00000.parquet"
+SHARD_NAME = "shard-00000.parquet"  # the first shard of a source
 
 
 def encode_ids(tokenizer, text: str) -> list[int]:
@@ -155,6 +155,21 @@ class SourceWorker:
         return str(write_shard(rows, out_path))
 
 
+def shard_name(index: int) -> str:
+    return f"shard-{index:05d}.parquet"
+
+
+def _complete_shard(path: Path, texts: Sequence[str]) -> bool:
+    """Whether ``path`` is a finished shard of exactly ``texts`` (shards are written atomically,
+    so a present file is whole; the text check catches a shard of another corpus)."""
+    if not path.is_file():
+        return False
+    try:
+        return pq.read_table(path, columns=["text"]).column("text").to_pylist() == list(texts)
+    except (OSError, pa.ArrowException):
+        return False
+
+
 def extract_all(
     sources: Sequence[str | Path],
     texts: Sequence[str],
@@ -163,34 +178,85 @@ def extract_all(
     use_ray: bool = True,
     num_cpus: float = 1,
     num_gpus: float = 0,
+    *,
+    shard_size: int = 2048,
+    workers_per_source: int = 1,
+    report=None,
 ) -> list[Path]:
-    """Write ``out_dir/source_<i>/shard-00000.parquet`` for every source model path; returns the
-    per-source folders.  With ``use_ray`` and Ray initialised, one actor per source reserving
-    ``num_cpus``/``num_gpus`` (each is killed when done, so more sources than GPUs queue instead
-    of waiting forever); else in-process."""
+    """Write ``out_dir/source_<i>/shard-NNNNN.parquet`` (``shard_size`` texts each, in order)
+    for every source model path; returns the per-source folders.
+
+    Shards already there for the same texts are kept, so a crashed extraction resumes where it
+    stopped; stale shards of a longer corpus are removed.  With ``use_ray`` and Ray initialised
+    each source gets ``workers_per_source`` actors reserving ``num_cpus``/``num_gpus`` that share
+    its shards (a source's actors are killed when it is done, so more sources than GPUs queue
+    instead of waiting forever); else one model per source runs here.  ``report`` (a callable)
+    hears one line per finished shard.
+    """
     if not texts:
         raise FusionError("no texts to extract source distributions from")
     if not sources:
         raise FusionError("no source models given")
+    if shard_size < 1 or workers_per_source < 1:
+        raise FusionError("shard_size and workers_per_source must be >= 1")
     out_dir = Path(out_dir)
     dirs = [out_dir / f"source_{i}" for i in range(len(sources))]
     texts = list(texts)
+    chunks = [texts[i : i + shard_size] for i in range(0, len(texts), shard_size)]
+    todo: list[list[int]] = []
+    for d in dirs:
+        d.mkdir(parents=True, exist_ok=True)
+        for stale in d.glob("shard-*.parquet"):
+            if stale.name not in {shard_name(c) for c in range(len(chunks))}:
+                stale.unlink()
+        todo.append(
+            [c for c in range(len(chunks)) if not _complete_shard(d / shard_name(c), chunks[c])]
+        )
+    say = report or (lambda _msg: None)
     import ray
 
     if use_ray and ray.is_initialized():
-        from evoray.fusion.remote import check_capacity
-
-        check_capacity(num_cpus, num_gpus)
-        actor_cls = ray.remote(num_cpus=num_cpus, num_gpus=num_gpus)(SourceWorker)
-        pending = {}
-        for src, d in zip(sources, dirs, strict=True):
-            actor = actor_cls.remote(str(src), k)
-            pending[actor.run.remote(texts, str(d / SHARD_NAME))] = actor
-        while pending:
-            done, _ = ray.wait(list(pending), num_returns=1)
-            ray.get(done[0])
-            ray.kill(pending.pop(done[0]))
+        _extract_on_ray(sources, dirs, chunks, todo, k, num_cpus, num_gpus, workers_per_source, say)
     else:
-        for src, d in zip(sources, dirs, strict=True):
-            SourceWorker(src, k).run(texts, d / SHARD_NAME)
+        for i, (src, d) in enumerate(zip(sources, dirs, strict=True)):
+            if not todo[i]:
+                continue
+            worker = SourceWorker(src, k)
+            for c in todo[i]:
+                worker.run(chunks[c], d / shard_name(c))
+                say(f"  source {i}: {shard_name(c)} ({len(chunks[c])} texts)")
     return dirs
+
+
+def _extract_on_ray(sources, dirs, chunks, todo, k, num_cpus, num_gpus, per_source, say) -> None:
+    import ray
+
+    from evoray.errors import ray_get
+    from evoray.fusion.remote import check_capacity
+
+    check_capacity(num_cpus, num_gpus)
+    actor_cls = ray.remote(num_cpus=num_cpus, num_gpus=num_gpus)(SourceWorker)
+    queues = {i: list(todo[i]) for i in range(len(sources)) if todo[i]}
+    actors = {
+        i: [actor_cls.remote(str(sources[i]), k) for _ in range(min(per_source, len(q)))]
+        for i, q in queues.items()
+    }
+    pending: dict = {}
+
+    def feed(i: int, actor) -> None:
+        c = queues[i].pop(0)
+        pending[actor.run.remote(chunks[c], str(dirs[i] / shard_name(c)))] = (i, actor, c)
+
+    for i, group in actors.items():
+        for actor in group:
+            feed(i, actor)
+    while pending:
+        done, _ = ray.wait(list(pending), num_returns=1)
+        i, actor, c = pending.pop(done[0])
+        ray_get(done[0])
+        say(f"  source {i}: {shard_name(c)} ({len(chunks[c])} texts)")
+        if queues[i]:
+            feed(i, actor)
+        elif not any(j == i for j, _, _ in pending.values()):
+            for a in actors[i]:
+                ray.kill(a)
