@@ -389,3 +389,28 @@ def test_cli_with_ray_runs_every_step_as_a_task(tmp_path, ray_local, capsys):
     for name in ("sources/char", "sources/bpe70", "target_init", "target_clm", "target_fused"):
         assert (tmp_path / "run" / name / "model.safetensors").is_file()
     assert not list((tmp_path / "run").glob(".*tmp*"))
+
+
+def test_min_ce_per_token_vs_per_character(tmp_path, corpus, models):
+    """Untrained models: the char source has the lower CE per token (small vocab), the BPE
+    source the lower CE per character (a token covers ~3 characters): MinCE picks by unit."""
+    from transformers import AutoTokenizer
+
+    from evoray.fusion.train import fused_teachers
+
+    sources, target = models
+    texts = corpus[0][:3]
+    dists = extract_all(sources, texts, tmp_path, k=4, use_ray=False)
+    tok = AutoTokenizer.from_pretrained(str(target))
+
+    def teachers(srcs, dirs, unit):
+        return fused_teachers(tok, texts, srcs, dirs, "min_ce", "edit_distance", "all", unit)[1]
+
+    for unit, pick in (("token", 0), ("char", 1)):
+        got = teachers(sources, dists, unit)
+        alone = teachers(sources[pick : pick + 1], dists[pick : pick + 1], unit)
+        for a, b in zip(got, alone, strict=True):
+            for x, y in zip(a, b, strict=True):
+                torch.testing.assert_close(x, y)
+    with pytest.raises(FusionError, match="ce_unit must be one of"):
+        teachers(sources, dists, "word")

@@ -462,3 +462,14 @@ def test_keep_same_next_uses_a_source_only_where_next_tokens_agree():
     # after '<s>' both emit '▁the'; after '▁the' the source emits '▁c', the target '▁cat';
     # after 'cat' both emit '</s>'; the last pair has no next token
     assert kept == [(0, 0), (3, 2)]
+
+
+def test_per_char_ce_is_the_text_nll_per_character():
+    from evoray.fusion.train import per_char_ce
+
+    # a char model (7 tokens incl. eos) and a word model (3 tokens) with the same total NLL
+    # score the same per character, though their per-token means differ by 7/3
+    char_ce, word_ce = np.full(7, 0.5), np.full(3, 3.5 / 3)
+    assert per_char_ce(char_ce, "ab cdef") == pytest.approx(3.5 / 8)
+    assert per_char_ce(word_ce, "ab cdef") == pytest.approx(per_char_ce(char_ce, "ab cdef"))
+    assert char_ce.mean() < word_ce.mean()

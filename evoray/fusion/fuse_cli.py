@@ -117,6 +117,7 @@ def run_fuse(cfg: FuseConfig, out: Path | None = None, report=print) -> dict:
         "k": fz.k,
         "vocab_fallback": fz.vocab_map,
         "positions": fz.positions,
+        "ce_unit": fz.ce_unit,
         "dist_dirs": dist_dirs,
     }
     report(f"training target: plain CLM and FuseLLM ({fz.method}, lam={fz.lam:g}) ...")

@@ -14,12 +14,13 @@ from typing import Any
 from evoray.config import check_keys, read_yaml
 from evoray.errors import ConfigError
 from evoray.fusion.align import TEACHER_POSITIONS, VOCAB_FALLBACKS
+from evoray.fusion.train import CE_UNITS, PRECISIONS
+from evoray.fusion.train import METHODS as FUSERS
 
 TOKENIZERS = ("char", "bpe")
-METHODS = ("avg_ce", "min_ce")
+METHODS = tuple(FUSERS)
 KINDS = ("ce", "kl")
 DEVICES = ("auto", "cpu", "cuda")
-PRECISIONS = ("fp32", "bf16")
 
 
 @dataclass(frozen=True)
@@ -61,6 +62,7 @@ class FusionSpec:
     k: int = 10
     vocab_map: str = "edit_distance"
     positions: str = "same_next"
+    ce_unit: str = "token"
     steps: int = 100
     lr: float = 3e-3
     batch_size: int = 8
@@ -204,7 +206,7 @@ def _check_model(spec: ModelSpec, build: bool, source: str, where: str) -> None:
 
 def _check_fusion(f: FusionSpec, source: str) -> None:
     choices = {"method": METHODS, "kind": KINDS, "device": DEVICES, "precision": PRECISIONS}
-    choices.update(vocab_map=VOCAB_FALLBACKS, positions=TEACHER_POSITIONS)
+    choices.update(vocab_map=VOCAB_FALLBACKS, positions=TEACHER_POSITIONS, ce_unit=CE_UNITS)
     for name, allowed in choices.items():
         if getattr(f, name) not in allowed:
             raise ConfigError(

@@ -16,6 +16,7 @@ import shutil
 from collections.abc import Sequence
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from evoray.fusion import FusionError
@@ -36,6 +37,12 @@ from evoray.fusion.distill import (
 from evoray.fusion.sources import encode_ids, extract_all, read_shards
 
 METHODS = {"avg_ce": fuse_avg_ce, "min_ce": fuse_min_ce}
+CE_UNITS = ("token", "char")
+
+
+def per_char_ce(ce, text: str) -> float:
+    """Total CE of a ``<bos> text <eos>`` sequence per character (the eos counts as one)."""
+    return float(np.sum(np.asarray(ce, dtype=np.float64))) / (len(text) + 1)
 
 
 def _load(path: str | Path):
@@ -68,17 +75,23 @@ def fused_teachers(
     method: str,
     vocab_fallback: str = "edit_distance",
     positions: str = "same_next",
+    ce_unit: str = "token",
 ) -> tuple[list[list[int]], list[tuple]]:
     """Target ids per text and the fused ``(values, indices, mask)`` per text.
 
     ``positions="same_next"`` (FuseLLM's rule) uses a source's distribution only where the
     source's next token maps to the target's next token (``keep_same_next``); ``"all"`` uses it
-    at every pair of aligned token ends.
+    at every pair of aligned token ends.  ``ce_unit`` scores sources for MinCE/AvgCE by mean
+    CE per token (FuseLLM) or per character of the text (``"char"``: the total NLL of the text
+    spread over its characters, comparable across tokenizers of different granularity, where
+    a character model's per-token CE is low only because its tokens are small).
     """
     from transformers import AutoTokenizer
 
     if method not in METHODS:
         raise FusionError(f"method must be one of {sorted(METHODS)}, got {method!r}")
+    if ce_unit not in CE_UNITS:
+        raise FusionError(f"ce_unit must be one of {CE_UNITS}, got {ce_unit!r}")
     if positions not in TEACHER_POSITIONS:
         raise FusionError(f"positions must be one of {TEACHER_POSITIONS}, got {positions!r}")
     tgt_ids = [encode_ids(tgt_tok, t) for t in texts]
@@ -113,7 +126,7 @@ def fused_teachers(
                     len(ids),
                 )
             )
-            ces.append(r["mean_ce"])
+            ces.append(r["mean_ce"] if ce_unit == "token" else per_char_ce(r["ce"], r["text"]))
         teachers.append(METHODS[method](dists, ces))
     return tgt_ids, teachers
 
@@ -287,6 +300,7 @@ def fuse_train(
     precision: str = "fp32",
     vocab_fallback: str = "edit_distance",
     positions: str = "same_next",
+    ce_unit: str = "token",
     log_every: int = 0,
 ) -> dict:
     """Train the target at ``target_path`` with FuseLLM on ``texts``; save it to ``out_dir``.
@@ -310,7 +324,7 @@ def fuse_train(
             source_paths, texts, Path(out_dir) / "distributions", k=k, use_ray=use_ray
         )
     ids_list, teachers = fused_teachers(
-        tok, texts, source_paths, dist_dirs, method, vocab_fallback, positions
+        tok, texts, source_paths, dist_dirs, method, vocab_fallback, positions, ce_unit
     )
     return _train_loop(
         model,
