@@ -23,7 +23,7 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from evoray.fusion.corpus import make_corpus
+from evoray.fusion.corpus import load_corpus
 from evoray.fusion.fuse_cli import build_model
 from evoray.fusion.fuse_config import FuseConfig
 from evoray.fusion.remote import quiet_transformers
@@ -40,7 +40,7 @@ def main() -> None:
     quiet_transformers()
     cfg = FuseConfig.from_yaml(args.config)
     fz = cfg.fusion
-    train, heldout = make_corpus(cfg.corpus.seed, cfg.corpus.n_train, cfg.corpus.n_heldout)
+    train, heldout = load_corpus(cfg.corpus)
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         t0 = time.perf_counter()

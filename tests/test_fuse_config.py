@@ -47,7 +47,9 @@ def test_shipped_config_parses_with_defaults_filled_in():
         ({"build": False}, ["sources[0]: give a path (build is false)"]),
         ({"build": "yes"}, ["build: expected bool"]),
         ({"resources": {"num_gpus": -1}}, ["num_gpus must be >= 0"]),
-        ({"corpus": {"n_heldout": 0}}, ["n_heldout must be >= 1"]),
+        ({"corpus": {"n_heldout": 0}}, ["corpus.n_heldout must be >= 1"]),
+        ({"corpus": {"train": "t.txt"}}, ["give both train and heldout"]),
+        ({"corpus": {"text_field": 3}}, ["corpus.text_field: expected str"]),
     ],
 )
 def test_bad_fuse_configs(patch, needles):
@@ -67,3 +69,14 @@ def test_cli_reports_bad_config_in_one_line(tmp_path, capsys):
     assert str(bad) in err and "fusion.lamb" in err and "Traceback" not in err
     assert main(["fuse", str(tmp_path / "missing.yaml")]) == 2
     assert "not found" in capsys.readouterr().err
+
+
+def test_cli_names_a_missing_model_before_any_work(tmp_path, capsys):
+    cfg = tmp_path / "f.yaml"
+    missing = tmp_path / "no_such_model"
+    data = {**BASE, "sources": [{"name": "a", "path": str(missing)}], "output_dir": "x"}
+    cfg.write_text(yaml.safe_dump({**data, "output_dir": str(tmp_path / "run")}))
+    assert main(["fuse", str(cfg)]) == 2
+    err = capsys.readouterr().err
+    assert "no_such_model" in err and "not found" in err
+    assert not (tmp_path / "run").exists()  # nothing was built

@@ -178,11 +178,18 @@ def test_fuse_train_lowers_loss_and_saves_loadable_model(tmp_path, corpus, model
 
 
 def test_cli_prints_three_perplexities(tmp_path, capsys):
+    """`evoray fuse` on the user's own corpus files (jsonl train, txt held-out)."""
+    import json
+
     from evoray.fusion.fuse_cli import add_fuse_parser
 
+    train, heldout = make_corpus(seed=1, n_train=16, n_heldout=4)
+    (tmp_path / "train.jsonl").write_text("".join(json.dumps({"body": t}) + "\n" for t in train))
+    (tmp_path / "heldout.txt").write_text("\n".join(heldout) + "\n\n")
     cfg = tmp_path / "fuse.yaml"
     cfg.write_text(
-        "corpus: {seed: 1, n_train: 16, n_heldout: 4}\n"
+        f"corpus: {{train: {tmp_path / 'train.jsonl'}, heldout: {tmp_path / 'heldout.txt'}, "
+        "text_field: body}\n"
         "sources:\n"
         "  - {name: char, tokenizer: char, hidden: 16, steps: 2}\n"
         "  - {name: bpe70, tokenizer: bpe, vocab_size: 70, hidden: 16, steps: 2}\n"
@@ -414,3 +421,42 @@ def test_min_ce_per_token_vs_per_character(tmp_path, corpus, models):
                 torch.testing.assert_close(x, y)
     with pytest.raises(FusionError, match="ce_unit must be one of"):
         teachers(sources, dists, "word")
+
+
+def test_corpus_files_and_their_errors(tmp_path):
+    import json
+
+    import pyarrow as pa
+
+    from evoray.fusion.corpus import read_texts
+
+    (tmp_path / "a.txt").write_text("one\n\ntwo\r\nthree\n")
+    assert read_texts(tmp_path / "a.txt") == ["one", "two", "three"]
+    assert read_texts(tmp_path / "a.txt", limit=2) == ["one", "two"]
+    rows = [{"text": "x y"}, {"text": ""}, {"text": "z"}]
+    (tmp_path / "b.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    assert read_texts(tmp_path / "b.jsonl") == ["x y", "z"]
+    pq.write_table(pa.table({"body": ["p", "q"]}), tmp_path / "c.parquet")
+    assert read_texts(tmp_path / "c.parquet", "body") == ["p", "q"]
+    (tmp_path / "bad.jsonl").write_text('{"text": "ok"}\n{"txt": "no"}\n')
+    (tmp_path / "broken.jsonl").write_text('{"text": "ok"}\n{oops\n')
+    (tmp_path / "empty.txt").write_text("\n\n")
+    for path, field, needle in [
+        (tmp_path / "bad.jsonl", "text", r"bad.jsonl, line 2: expected a JSON object"),
+        (tmp_path / "broken.jsonl", "text", r"line 2"),
+        (tmp_path / "c.parquet", "text", r"no column 'text' \(columns: body\)"),
+        (tmp_path / "empty.txt", "text", "holds no non-empty texts"),
+        (tmp_path / "missing.txt", "text", "not found"),
+        (tmp_path / "a.csv", "text", "use one of .txt, .jsonl, .parquet"),
+    ]:
+        with pytest.raises(FusionError, match=needle):
+            read_texts(path, field)
+
+
+def test_texts_longer_than_the_model_are_refused(tmp_path, models):
+    sources, target = models
+    long_text = "the cat " * 400  # > 512 positions for every tokenizer here
+    with pytest.raises(FusionError, match=r"text 1 is \d+ tokens .* over the model's 512"):
+        clm_train(target, ["the cat .", long_text], steps=1, out_dir=tmp_path / "t")
+    with pytest.raises(FusionError, match=r"source .*char.*text 0 is"):
+        extract_all(sources[:1], [long_text], tmp_path / "d", use_ray=False)

@@ -1,4 +1,5 @@
-"""Offline material for FuseLLM runs: a generated English-like corpus, tokenizers, tiny LMs.
+"""Material for FuseLLM runs: corpus files or a generated English-like corpus, tokenizers, tiny
+LMs (all offline).
 
 The corpus is templated sentences whose words depend on each other (animals have habitats and
 habits), so a tiny model can learn something in a few hundred steps and models with different
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 import random
 from collections.abc import Sequence
+from pathlib import Path
 
 SPECIALS = {"pad_token": "[PAD]", "unk_token": "[UNK]", "bos_token": "<s>", "eos_token": "</s>"}
 
@@ -65,6 +67,74 @@ def make_corpus(seed: int = 0, n_train: int = 400, n_heldout: int = 100) -> tupl
     while len(heldout) < n_heldout:  # the template space ran out: allow repeats
         heldout.append(_sentence(rng))
     return train, heldout
+
+
+TEXT_SUFFIXES = (".txt", ".jsonl", ".parquet")
+
+
+def read_texts(path: str | Path, text_field: str = "text", limit: int | None = None) -> list[str]:
+    """Texts of a corpus file, in order (at most ``limit``): ``.txt`` one text per non-empty
+    line, ``.jsonl`` one JSON object per line with ``text_field``, ``.parquet`` the column
+    ``text_field``.  Errors name the file, the line or column, and what to do."""
+    import json
+
+    from evoray.fusion import FusionError
+
+    path = Path(path)
+    if path.suffix not in TEXT_SUFFIXES:
+        raise FusionError(f"corpus file {path}: use one of {', '.join(TEXT_SUFFIXES)}")
+    if not path.is_file():
+        raise FusionError(f"corpus file {path} not found")
+    texts: list[str] = []
+    if path.suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        names = pq.read_schema(path).names
+        if text_field not in names:
+            raise FusionError(
+                f"corpus file {path} has no column {text_field!r} (columns: {', '.join(names)}); "
+                "set corpus.text_field"
+            )
+        texts = [t for t in pq.read_table(path, columns=[text_field]).column(0).to_pylist() if t]
+    else:
+        with path.open(encoding="utf-8") as f:
+            for n, line in enumerate(f, start=1):
+                if limit is not None and len(texts) >= limit:
+                    break
+                if not line.strip():
+                    continue
+                if path.suffix == ".txt":
+                    texts.append(line.rstrip("\r\n"))
+                    continue
+                try:
+                    text = json.loads(line)[text_field]
+                except (json.JSONDecodeError, KeyError, TypeError) as exc:
+                    raise FusionError(
+                        f"corpus file {path}, line {n}: expected a JSON object with a string "
+                        f"{text_field!r} field ({type(exc).__name__}: {exc}); set "
+                        "corpus.text_field for another field name"
+                    ) from None
+                if not isinstance(text, str):
+                    raise FusionError(
+                        f"corpus file {path}, line {n}: {text_field!r} is not a string"
+                    )
+                if text:
+                    texts.append(text)
+    texts = texts[:limit] if limit is not None else texts
+    if not texts:
+        raise FusionError(f"corpus file {path} holds no non-empty texts")
+    return texts
+
+
+def load_corpus(spec) -> tuple[list[str], list[str]]:
+    """``(train, heldout)`` for a ``CorpusSpec``: its files, else the generated corpus."""
+    if spec.train is not None:
+        return (
+            read_texts(spec.train, spec.text_field, spec.n_train),
+            read_texts(spec.heldout, spec.text_field, spec.n_heldout),
+        )
+    n_train = 400 if spec.n_train is None else spec.n_train
+    return make_corpus(spec.seed, n_train, 100 if spec.n_heldout is None else spec.n_heldout)
 
 
 def _wrap(backend):

@@ -68,24 +68,28 @@ def run_fuse(cfg: FuseConfig, out: Path | None = None, report=print) -> dict:
     sources' distributions and the two target trainings each run as Ray tasks with
     ``cfg.resources``; else everything runs here, one step after the other.
     """
-    from evoray.fusion.corpus import make_corpus
+    from evoray.checkpoint import resolve_model_folder
+    from evoray.fusion.corpus import load_corpus
     from evoray.fusion.remote import run_jobs
     from evoray.fusion.sources import extract_all
     from evoray.fusion.train import clm_train, fuse_train, heldout_perplexity
 
-    train, heldout = make_corpus(cfg.corpus.seed, cfg.corpus.n_train, cfg.corpus.n_heldout)
+    train, heldout = load_corpus(cfg.corpus)
     out = Path(out or cfg.output_dir)
     res = cfg.resources
     ray_opts = {"use_ray": cfg.use_ray, "num_cpus": res.num_cpus, "num_gpus": res.num_gpus}
     models = [*cfg.sources, cfg.target]
     folders = [out / "sources" / s.name for s in cfg.sources] + [out / "target_init"]
+    for m in models:  # a missing folder or unknown hub id fails here, before any work
+        if m.path is not None:
+            resolve_model_folder(m.path)
     to_build = [(m, f) for m, f in zip(models, folders, strict=True) if m.path is None]
     if to_build:
         report(f"building {', '.join(m.name for m, _ in to_build)} ...")
         run_jobs(
             [(build_model, {"spec": m, "texts": train, "path": f}) for m, f in to_build], **ray_opts
         )
-    paths = [f if m.path is None else Path(m.path) for m, f in zip(models, folders, strict=True)]
+    paths = [f if m.path is None else m.path for m, f in zip(models, folders, strict=True)]
     src_paths, target = paths[:-1], paths[-1]
     fz = cfg.fusion
     report("extracting source distributions ...")

@@ -25,11 +25,17 @@ DEVICES = ("auto", "cpu", "cuda")
 
 @dataclass(frozen=True)
 class CorpusSpec:
-    """The generated corpus (``evoray.fusion.corpus.make_corpus``)."""
+    """Text files (``train`` + ``heldout``: .txt one text per line, .jsonl or .parquet with a
+    ``text_field``), else the generated corpus (``evoray.fusion.corpus.make_corpus``).
+    ``n_train``/``n_heldout``: how many texts (files: the first ones; default all of them;
+    generated: 400 and 100)."""
 
+    train: str | None = None
+    heldout: str | None = None
+    text_field: str = "text"
+    n_train: int | None = None
+    n_heldout: int | None = None
     seed: int = 0
-    n_train: int = 400
-    n_heldout: int = 100
 
 
 @dataclass(frozen=True)
@@ -131,8 +137,14 @@ class FuseConfig:
         fusion = _section(FusionSpec, data.get("fusion"), source, "fusion.")
         _check_fusion(fusion, source)
         corpus = _section(CorpusSpec, data.get("corpus"), source, "corpus.")
-        if corpus.n_train < 1 or corpus.n_heldout < 1:
-            raise ConfigError(f"{source}: corpus: n_train and n_heldout must be >= 1")
+        for name in ("n_train", "n_heldout"):
+            if getattr(corpus, name) is not None and getattr(corpus, name) < 1:
+                raise ConfigError(f"{source}: corpus.{name} must be >= 1")
+        if (corpus.train is None) != (corpus.heldout is None):
+            raise ConfigError(
+                f"{source}: corpus: give both train and heldout files (or neither, for the "
+                "generated corpus)"
+            )
         resources = _section(ResourcesSpec, data.get("resources"), source, "resources.")
         if resources.num_cpus < 0 or resources.num_gpus < 0:
             raise ConfigError(f"{source}: resources: num_cpus and num_gpus must be >= 0")
@@ -173,13 +185,14 @@ def _section(cls, raw: Any, source: str, prefix: str, defaults: dict | None = No
     allowed = [f.name for f in fields(cls)]
     check_keys(raw, allowed, source, prefix)
     values = {**(defaults or {}), **raw}
-    kinds = {"int": int, "float": float, "str": str, "bool": bool, "str | None": str}
+    kinds = {"int": int, "float": float, "str": str, "bool": bool}
+    kinds.update({"str | None": str, "int | None": int})
     out = {}
     for f in fields(cls):
         if f.name not in values:
             continue
         value = values[f.name]
-        if value is None and f.type == "str | None":
+        if value is None and f.type.endswith("| None"):
             out[f.name] = None
             continue
         out[f.name] = _typed(value, kinds[f.type], source, prefix + f.name)

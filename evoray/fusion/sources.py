@@ -23,6 +23,17 @@ from evoray.fusion.distill import per_token_ce, topk_logits
 SHARD_NAME = "shard-00000.parquet"  # the first shard of a source
 
 
+def load_lm(path: str | Path):
+    """``(causal LM, tokenizer)`` from a folder or hub id, through evoray's checkpoint checks
+    (missing path, pickle-only weights, custom code are clear errors, not tracebacks)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from evoray.checkpoint import load_model, resolve_model_folder
+
+    model = load_model(path, model_cls=AutoModelForCausalLM)
+    return model, AutoTokenizer.from_pretrained(str(resolve_model_folder(path)))
+
+
 def encode_ids(tokenizer, text: str) -> list[int]:
     """``<bos> text <eos>`` ids; FusionError if the tokenizer lacks bos or eos."""
     for name in ("bos", "eos"):
@@ -33,6 +44,27 @@ def encode_ids(tokenizer, text: str) -> list[int]:
             )
     ids = tokenizer(text, add_special_tokens=False)["input_ids"]
     return [tokenizer.bos_token_id, *ids, tokenizer.eos_token_id]
+
+
+def model_name(model) -> str:
+    """Where a model was loaded from, for messages ('model' if unknown)."""
+    return getattr(getattr(model, "config", None), "name_or_path", "") or "model"
+
+
+def check_fits(model, sequences: Sequence[Sequence[int]], who: str) -> None:
+    """FusionError naming the text when a ``<bos> text <eos>`` sequence is longer than the
+    model's positions (it would crash or silently wrap inside the model)."""
+    limit = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    if not sequences or not isinstance(limit, int):
+        return
+    lengths = [len(s) for s in sequences]
+    longest = max(lengths)
+    if longest > limit:
+        raise FusionError(
+            f"{who}: text {lengths.index(longest)} is {longest} tokens with bos/eos, over the "
+            f"model's {limit} positions (max_position_embeddings); split long texts, e.g. into "
+            "paragraphs, before fusing"
+        )
 
 
 @torch.no_grad()
@@ -47,6 +79,7 @@ def source_distributions(
     model.eval()
     device = next(model.parameters()).device
     encoded = [encode_ids(tokenizer, t) for t in texts]
+    check_fits(model, encoded, f"source {model_name(model)}")
     by_len: dict[int, list[int]] = {}
     for i, ids in enumerate(encoded):
         by_len.setdefault(len(ids), []).append(i)
@@ -139,15 +172,13 @@ class SourceWorker:
     A plain class; wrap with ``ray.remote(SourceWorker)`` to run it as an actor."""
 
     def __init__(self, model_path: str | Path, k: int = 10, device: str | None = None) -> None:
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-
         from evoray.fusion.remote import quiet_transformers
 
         quiet_transformers()
         torch.set_num_threads(1)
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        self.tokenizer = AutoTokenizer.from_pretrained(str(model_path))
-        self.model = AutoModelForCausalLM.from_pretrained(str(model_path)).to(self.device).eval()
+        model, self.tokenizer = load_lm(model_path)
+        self.model = model.to(self.device).eval()
         self.k = k
 
     def run(self, texts: Sequence[str], out_path: str | Path) -> str:

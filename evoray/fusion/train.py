@@ -34,7 +34,14 @@ from evoray.fusion.distill import (
     map_to_target,
     pad_teachers,
 )
-from evoray.fusion.sources import encode_ids, extract_all, read_shards
+from evoray.fusion.sources import (
+    check_fits,
+    encode_ids,
+    extract_all,
+    load_lm,
+    model_name,
+    read_shards,
+)
 
 METHODS = {"avg_ce": fuse_avg_ce, "min_ce": fuse_min_ce}
 CE_UNITS = ("token", "char")
@@ -43,12 +50,6 @@ CE_UNITS = ("token", "char")
 def per_char_ce(ce, text: str) -> float:
     """Total CE of a ``<bos> text <eos>`` sequence per character (the eos counts as one)."""
     return float(np.sum(np.asarray(ce, dtype=np.float64))) / (len(text) + 1)
-
-
-def _load(path: str | Path):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    return AutoModelForCausalLM.from_pretrained(str(path)), AutoTokenizer.from_pretrained(str(path))
 
 
 def _content_vocab(tokenizer) -> set[str]:
@@ -88,6 +89,8 @@ def fused_teachers(
     """
     from transformers import AutoTokenizer
 
+    from evoray.checkpoint import resolve_model_folder
+
     if method not in METHODS:
         raise FusionError(f"method must be one of {sorted(METHODS)}, got {method!r}")
     if ce_unit not in CE_UNITS:
@@ -101,7 +104,7 @@ def fused_teachers(
     for i, (src, d) in enumerate(zip(source_paths, dist_dirs, strict=True)):
         key = str(src)
         if key not in vmaps:
-            src_tok = AutoTokenizer.from_pretrained(key)
+            src_tok = AutoTokenizer.from_pretrained(str(resolve_model_folder(key)))
             vmaps[key] = checked_vocab_map(
                 src_tok, tgt_tok, name=f"source {i} ({src})", fallback=vocab_fallback
             )
@@ -235,6 +238,7 @@ def _train_loop(
 ) -> dict:
     """AdamW on the padded batches of ``_batches``; weights stay float32 (``bf16`` autocasts
     the forward pass).  Saves model + tokenizer to ``out_dir``."""
+    check_fits(model, ids_list, f"target {model_name(model)}")
     dev = resolve_device(device)
     autocast = _autocast(dev, precision)
     torch.manual_seed(seed)
@@ -318,7 +322,7 @@ def fuse_train(
         raise FusionError("fuse_train needs at least one source model; use clm_train for none")
     if not 0.0 <= lam <= 1.0:
         raise FusionError(f"lam must be in [0, 1], got {lam}")
-    model, tok = _load(target_path)
+    model, tok = load_lm(target_path)
     if dist_dirs is None:
         dist_dirs = extract_all(
             source_paths, texts, Path(out_dir) / "distributions", k=k, use_ray=use_ray
@@ -363,7 +367,7 @@ def clm_train(
     texts = list(texts)
     if not texts:
         raise FusionError("the training corpus is empty")
-    model, tok = _load(target_path)
+    model, tok = load_lm(target_path)
     ids_list = [encode_ids(tok, t) for t in texts]
     return _train_loop(
         model,
@@ -390,8 +394,9 @@ def heldout_perplexity(model_path: str | Path, texts: Sequence[str]) -> float:
 
     if not texts:
         raise FusionError("no held-out texts to score")
-    model, tok = _load(model_path)
+    model, tok = load_lm(model_path)
     rows = [encode_ids(tok, t) for t in texts]
+    check_fits(model, rows, f"{model_path} (held-out texts)")
     width = max(len(r) for r in rows)
     ids = torch.zeros((len(rows), width), dtype=torch.long)
     mask = torch.zeros_like(ids)
