@@ -14,7 +14,8 @@ BASE = {"sources": [{"name": "a", "tokenizer": "char"}, {"name": "b", "vocab_siz
 
 def test_shipped_config_parses_with_defaults_filled_in():
     cfg = FuseConfig.from_yaml("search_spaces/fusellm.yaml")
-    assert [s.name for s in cfg.sources] == ["char", "bpe200", "bpe80"]
+    assert [s.name for s in cfg.sources] == ["char", "bpe200", "gpt2"]
+    assert cfg.sources[2].arch == "gpt2" and cfg.sources[2].tokenizer == "bytelevel"
     assert cfg.fusion.lam == 0.9 and cfg.fusion.temperature == 1.0 and cfg.fusion.k == 10
     assert cfg.resources.num_gpus == 0 and cfg.fusion.device == "auto"
     minimal = FuseConfig.from_dict(BASE)
@@ -43,6 +44,7 @@ def test_shipped_config_parses_with_defaults_filled_in():
         ({"sources": []}, ["sources: list at least one"]),
         ({"sources": [{"name": "a"}, {"name": "a"}]}, ["names must be distinct"]),
         ({"sources": [{"tokenizer": "wordpiece"}]}, ["sources[0].tokenizer", "char"]),
+        ({"sources": [{"arch": "mamba"}]}, ["sources[0].arch must be one of"]),
         ({"sources": [{"hidden": 30}]}, ["sources[0].hidden must be a multiple of 4"]),
         ({"build": False}, ["sources[0]: give a path (build is false)"]),
         ({"build": "yes"}, ["build: expected bool"]),

@@ -378,7 +378,6 @@ def test_cli_with_ray_runs_every_step_as_a_task(tmp_path, ray_local, capsys):
     cfg = tmp_path / "fuse.yaml"
     cfg.write_text(
         "corpus: {seed: 2, n_train: 12, n_heldout: 4}\n"
-        "use_ray: true\n"
         "resources: {num_cpus: 0.5}\n"
         "sources:\n"
         "  - {name: char, tokenizer: char, hidden: 16, steps: 1}\n"
@@ -387,7 +386,9 @@ def test_cli_with_ray_runs_every_step_as_a_task(tmp_path, ray_local, capsys):
         "fusion: {k: 3, steps: 2, batch_size: 4, temperature: 2.0, kind: kl}\n"
         f"output_dir: {tmp_path / 'run'}\n"
     )
-    assert main(["fuse", str(cfg), "--json", str(tmp_path / "r.json")]) == 0
+    assert main(["fuse", str(cfg), "--use-ray", "--gpus-per-task", "1"]) == 2
+    assert "gpus=1 but the Ray cluster has 0" in capsys.readouterr().err
+    assert main(["fuse", str(cfg), "--use-ray", "--json", str(tmp_path / "r.json")]) == 0
     assert "target after FuseLLM" in capsys.readouterr().out
     import json
 
@@ -460,3 +461,24 @@ def test_texts_longer_than_the_model_are_refused(tmp_path, models):
         clm_train(target, ["the cat .", long_text], steps=1, out_dir=tmp_path / "t")
     with pytest.raises(FusionError, match=r"source .*char.*text 0 is"):
         extract_all(sources[:1], [long_text], tmp_path / "d", use_ray=False)
+
+
+def test_gpt2_bytelevel_source_aligns_with_a_metaspace_target(tmp_path, corpus, models):
+    """Another architecture and word-marker convention ('Ġthe' vs '▁the') fuses end to end."""
+    from transformers import AutoTokenizer
+
+    from evoray.fusion.corpus import build_bytelevel_tokenizer
+
+    _, target = models
+    train = corpus[0]
+    tok = build_bytelevel_tokenizer(train, 300)
+    gpt2 = _save(tok, make_tiny_lm(tok, seed=3, hidden=16, arch="gpt2"), tmp_path / "gpt2")
+    tgt_tok = AutoTokenizer.from_pretrained(str(target))
+    vmap = checked_vocab_map(tok, tgt_tok)
+    the = tgt_tok.convert_tokens_to_ids("▁the")
+    assert vmap[tok.convert_tokens_to_ids("Ġthe")] == the
+    res = fuse_train(target, [gpt2], train[:8], steps=2, k=4, lam=0.5, out_dir=tmp_path / "f")
+    assert np.isfinite(res["losses"]).all()
+    assert type(make_tiny_lm(tok, arch="gpt2")).__name__ == "GPT2LMHeadModel"
+    with pytest.raises(ValueError, match="arch must be one of"):
+        make_tiny_lm(tok, arch="mamba")

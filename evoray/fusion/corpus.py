@@ -170,11 +170,47 @@ def build_bpe_tokenizer(texts: Sequence[str], vocab_size: int):
     return _wrap(backend)
 
 
-def make_tiny_lm(tokenizer, seed: int = 0, hidden: int = 32, layers: int = 2):
-    """A randomly initialised small ``LlamaForCausalLM`` sized to ``tokenizer``'s vocab."""
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+def build_bytelevel_tokenizer(texts: Sequence[str], vocab_size: int):
+    """A GPT-2 style byte-level BPE (``'Ġ'`` word markers) trained on ``texts``."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
+    backend = Tokenizer(models.BPE(unk_token=None))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=True)
+    backend.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=list(SPECIALS.values()),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    backend.train_from_iterator(list(texts), trainer=trainer)
+    return _wrap(backend)
+
+
+ARCHITECTURES = ("llama", "gpt2")
+
+
+def make_tiny_lm(tokenizer, seed: int = 0, hidden: int = 32, layers: int = 2, arch: str = "llama"):
+    """A randomly initialised small causal LM (``LlamaForCausalLM`` or ``GPT2LMHeadModel``)
+    sized to ``tokenizer``'s vocab."""
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+
+    if arch not in ARCHITECTURES:
+        raise ValueError(f"arch must be one of {ARCHITECTURES}, got {arch!r}")
+    if arch == "gpt2":
+        gpt2 = GPT2Config(
+            vocab_size=len(tokenizer),
+            n_embd=hidden,
+            n_layer=layers,
+            n_head=4,
+            n_positions=512,
+            pad_token_id=tokenizer.pad_token_id,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+        )
+        torch.manual_seed(seed)
+        return GPT2LMHeadModel(gpt2)
     config = LlamaConfig(
         vocab_size=len(tokenizer),
         hidden_size=hidden,

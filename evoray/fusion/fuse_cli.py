@@ -11,9 +11,12 @@ With ``use_ray`` every build, extraction and training is a Ray task reserving ``
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+from evoray.errors import ConfigError
 
 if TYPE_CHECKING:
     from evoray.fusion.fuse_config import FuseConfig, ModelSpec
@@ -36,15 +39,30 @@ def add_fuse_parser(subparsers: Any) -> argparse.ArgumentParser:
         "--address", default=None, help="Ray address for use_ray (default: RAY_ADDRESS or local)"
     )
     f.add_argument("--num-cpus", type=int, default=None, help="CPUs of a local Ray (use_ray)")
+    f.add_argument(
+        "--use-ray", action="store_true", help="override use_ray: true (run every step on Ray)"
+    )
+    f.add_argument(
+        "--gpus-per-task",
+        type=float,
+        default=None,
+        help="override resources.num_gpus (e.g. 1: each source and each training on a GPU)",
+    )
     f.set_defaults(func=_cmd_fuse)
     return f
 
 
 def _tokenizer(spec: ModelSpec, texts: list[str]):
-    from evoray.fusion.corpus import build_bpe_tokenizer, build_char_tokenizer
+    from evoray.fusion.corpus import (
+        build_bpe_tokenizer,
+        build_bytelevel_tokenizer,
+        build_char_tokenizer,
+    )
 
     if spec.tokenizer == "char":
         return build_char_tokenizer(texts)
+    if spec.tokenizer == "bytelevel":
+        return build_bytelevel_tokenizer(texts, spec.vocab_size)
     return build_bpe_tokenizer(texts, spec.vocab_size)
 
 
@@ -55,7 +73,7 @@ def build_model(spec: ModelSpec, texts: list[str], path: str | Path) -> dict:
     from evoray.fusion.train import clm_train, save_model
 
     tok = _tokenizer(spec, texts)
-    path = save_model(make_tiny_lm(tok, spec.seed, spec.hidden, spec.layers), tok, path)
+    path = save_model(make_tiny_lm(tok, spec.seed, spec.hidden, spec.layers, spec.arch), tok, path)
     if spec.steps > 0:
         clm_train(path, texts, steps=spec.steps, lr=spec.lr, seed=spec.seed, out_dir=path)
     return {"out_dir": path}
@@ -160,6 +178,13 @@ def _cmd_fuse(args: argparse.Namespace) -> int:
     from evoray.fusion.fuse_config import FuseConfig
 
     cfg = FuseConfig.from_yaml(args.config)
+    if getattr(args, "use_ray", False):
+        cfg = dataclasses.replace(cfg, use_ray=True)
+    gpus = getattr(args, "gpus_per_task", None)
+    if gpus is not None:
+        if gpus < 0:
+            raise ConfigError(f"--gpus-per-task must be >= 0, got {gpus:g}")
+        cfg = dataclasses.replace(cfg, resources=dataclasses.replace(cfg.resources, num_gpus=gpus))
     if cfg.use_ray:
         from evoray.execution.tune_runner import ensure_ray
 

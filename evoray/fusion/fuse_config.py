@@ -14,10 +14,11 @@ from typing import Any
 from evoray.config import check_keys, read_yaml
 from evoray.errors import ConfigError
 from evoray.fusion.align import TEACHER_POSITIONS, VOCAB_FALLBACKS
+from evoray.fusion.corpus import ARCHITECTURES
 from evoray.fusion.train import CE_UNITS, PRECISIONS
 from evoray.fusion.train import METHODS as FUSERS
 
-TOKENIZERS = ("char", "bpe")
+TOKENIZERS = ("char", "bpe", "bytelevel")
 METHODS = tuple(FUSERS)
 KINDS = ("ce", "kl")
 DEVICES = ("auto", "cpu", "cuda")
@@ -44,6 +45,7 @@ class ModelSpec:
 
     name: str = ""
     path: str | None = None
+    arch: str = "llama"
     tokenizer: str = "bpe"
     vocab_size: int = 200
     hidden: int = 48
@@ -204,6 +206,10 @@ def _check_model(spec: ModelSpec, build: bool, source: str, where: str) -> None:
         raise ConfigError(f"{source}: {where}: give a path (build is false)")
     if spec.path is not None:
         return
+    if spec.arch not in ARCHITECTURES:
+        raise ConfigError(
+            f"{source}: {where}.arch must be one of {ARCHITECTURES}, got {spec.arch!r}"
+        )
     if spec.tokenizer not in TOKENIZERS:
         raise ConfigError(
             f"{source}: {where}.tokenizer must be one of {TOKENIZERS}, got {spec.tokenizer!r}"
