@@ -251,7 +251,7 @@ def _stop_cluster(tmp: Path, gcs_port: int) -> None:
         time.sleep(0.5)
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def loopback_cluster():
     """A head and one worker node, one CPU each, on this machine; dashboard on 127.0.0.1."""
     from ray._private.utils import get_dashboard_dependency_error, get_ray_client_dependency_error
@@ -362,3 +362,42 @@ def test_ray_job_submit_runs_a_search_on_a_two_node_cluster(loopback_cluster: Cl
     per_node = {n: sum(w["node_id"] == n for w in workers) for n in nodes}
     assert list(per_node.values()) == [1, 1], (per_node, cluster.status)
     print(f"\njob {job_s:.1f} s; node column {sorted(set(log.node))}; workers per node {per_node}")
+
+
+FUSE_TINY = """\
+corpus: {seed: 3, n_train: 12, n_heldout: 4}
+sources:
+  - {name: char, tokenizer: char, hidden: 16, steps: 2}
+  - {name: gpt2, arch: gpt2, tokenizer: bytelevel, vocab_size: 300, hidden: 16, steps: 2}
+target: {tokenizer: bpe, vocab_size: 50, hidden: 16, steps: 1}
+extraction: {shard_size: 4, workers_per_source: 2}
+fusion: {k: 3, steps: 2, batch_size: 4}
+"""
+
+
+def test_ray_job_submit_runs_fusion_across_both_nodes(loopback_cluster: Cluster):
+    """`evoray fuse --use-ray` as a Ray job: builds, extraction actors and trainings are Ray
+    tasks spread over the two nodes, and the fused model lands in the shared output dir."""
+    cluster = loopback_cluster
+    src, out = cluster.tmp / "src_fuse", cluster.tmp / "fuse_out"
+    _copy_repo(src)
+    (src / "fuse_tiny.yaml").write_text(FUSE_TINY)
+    submission = f"evoray-fuse-{secrets.token_hex(4)}"
+    cmd = ["python", "-m", "evoray", "fuse", "fuse_tiny.yaml", "--use-ray", "--address", "auto"]
+    job = cluster.ray(
+        "job", "submit", f"--address={cluster.address}", f"--submission-id={submission}",
+        "--working-dir", str(src), "--", *cmd, "--out", str(out), "--json", str(out / "r.json"),
+        timeout=240,
+    )  # fmt: skip
+    assert job.returncode == 0, f"the job failed:\n{job.stdout[-6000:]}\n{job.stderr[-3000:]}"
+    assert "target after FuseLLM" in job.stdout
+    result = json.loads((out / "r.json").read_text())
+    assert result["devices"] == ["cpu", "cpu"]
+    assert (out / "target_fused" / "model.safetensors").is_file()
+    assert len(list((out / "distributions" / "source_1").glob("shard-*.parquet"))) == 3
+    nodes = {n["node_id"] for n in cluster.state("nodes")}
+    tasks = cluster.state("tasks", "--detail", "--filter=func_or_class_name=_run_job")
+    workers = cluster.state("actors", "--detail", "--filter=class_name=SourceWorker")
+    assert len(tasks) >= 5 and len(workers) == 4  # 3 builds + 2 trainings; 2 actors x 2 sources
+    used = {t["node_id"] for t in tasks} | {w["node_id"] for w in workers}
+    assert used == nodes, (used, nodes)
