@@ -482,3 +482,38 @@ def test_gpt2_bytelevel_source_aligns_with_a_metaspace_target(tmp_path, corpus, 
     assert type(make_tiny_lm(tok, arch="gpt2")).__name__ == "GPT2LMHeadModel"
     with pytest.raises(ValueError, match="arch must be one of"):
         make_tiny_lm(tok, arch="mamba")
+
+
+def test_teacher_store_round_trips_and_streams(tmp_path, corpus, models):
+    """Fused teachers go to a memory-mapped file and come back bit-identical; distributions
+    of other texts are refused with the text's index."""
+    from transformers import AutoTokenizer
+
+    from evoray.fusion.teachers import TeacherStore, write_teacher_store
+    from evoray.fusion.train import fused_teachers, iter_fused_teachers
+
+    sources, target = models
+    texts = corpus[0][:7]
+    dists = extract_all(sources, texts, tmp_path / "d", k=3, use_ray=False, shard_size=3)
+    tok = AutoTokenizer.from_pretrained(str(target))
+    ids, teachers = fused_teachers(tok, texts, sources, dists, "avg_ce")
+    store = TeacherStore(
+        write_teacher_store(
+            tmp_path / "t.arrow",
+            iter_fused_teachers(tok, texts, sources, dists, "avg_ce"),
+            batch_rows=2,
+        )
+    )
+    assert len(store) == len(texts) == len(store.ids)
+    for i in range(len(texts)):
+        assert store.ids[i].tolist() == ids[i]
+        for got, want in zip(store[i], teachers[i], strict=True):
+            assert got.dtype == want.dtype
+            torch.testing.assert_close(got, want, rtol=0, atol=0)
+    assert [p.name for p in tmp_path.glob(".t.arrow*")] == []  # no temp file left
+    with pytest.raises(FusionError, match=r"text 3 differs"):
+        fused_teachers(tok, [*texts[:3], "other", *texts[4:]], sources, dists, "avg_ce")
+    with pytest.raises(FusionError, match="cover more texts"):
+        fused_teachers(tok, texts[:5], sources, dists, "avg_ce")
+    with pytest.raises(FusionError, match="no teacher rows"):
+        write_teacher_store(tmp_path / "e.arrow", [])

@@ -9,7 +9,7 @@ Shards store one row per sequence with flat ``list<float32>`` / ``list<int32>`` 
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -144,27 +144,29 @@ def write_shard(rows: Sequence[dict], path: str | Path) -> Path:
     return path
 
 
-def read_shards(directory: str | Path) -> list[dict]:
-    """All rows of ``directory/shard-*.parquet`` in shard order, arrays reshaped to [seq, k]."""
+def iter_source_rows(directory: str | Path) -> Iterator[dict]:
+    """The rows of ``directory/shard-*.parquet`` in shard order, arrays reshaped to [seq, k],
+    with one shard in memory at a time."""
     files = sorted(Path(directory).glob("shard-*.parquet"))
     if not files:
         raise FusionError(f"no shard-*.parquet files in {directory}")
-    rows = []
     for f in files:
         for r in pq.read_table(f).to_pylist():
             k = r["k"]
-            rows.append(
-                {
-                    "text": r["text"],
-                    "tokens": r["tokens"],
-                    "input_ids": np.asarray(r["input_ids"], dtype=np.int32),
-                    "values": np.asarray(r["values"], dtype=np.float32).reshape(-1, k),
-                    "indices": np.asarray(r["indices"], dtype=np.int32).reshape(-1, k),
-                    "ce": np.asarray(r["ce"], dtype=np.float32),
-                    "mean_ce": r["mean_ce"],
-                }
-            )
-    return rows
+            yield {
+                "text": r["text"],
+                "tokens": r["tokens"],
+                "input_ids": np.asarray(r["input_ids"], dtype=np.int32),
+                "values": np.asarray(r["values"], dtype=np.float32).reshape(-1, k),
+                "indices": np.asarray(r["indices"], dtype=np.int32).reshape(-1, k),
+                "ce": np.asarray(r["ce"], dtype=np.float32),
+                "mean_ce": r["mean_ce"],
+            }
+
+
+def read_shards(directory: str | Path) -> list[dict]:
+    """All rows of ``directory/shard-*.parquet`` in shard order (``iter_source_rows``)."""
+    return list(iter_source_rows(directory))
 
 
 class SourceWorker:

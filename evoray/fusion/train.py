@@ -13,7 +13,7 @@ import contextlib
 import os
 import random
 import shutil
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -38,13 +38,15 @@ from evoray.fusion.sources import (
     check_fits,
     encode_ids,
     extract_all,
+    iter_source_rows,
     load_lm,
     model_name,
-    read_shards,
 )
+from evoray.fusion.teachers import TeacherStore, write_teacher_store
 
 METHODS = {"avg_ce": fuse_avg_ce, "min_ce": fuse_min_ce}
 CE_UNITS = ("token", "char")
+EVAL_TEXTS = 512  # loss_before / loss_after are measured on the first this many texts
 
 
 def per_char_ce(ce, text: str) -> float:
@@ -68,7 +70,7 @@ def checked_vocab_map(src_tok, tgt_tok, name: str = "source", fallback: str = "e
     return vocab_map(src_tok.get_vocab(), tgt_tok.get_vocab(), fallback)
 
 
-def fused_teachers(
+def iter_fused_teachers(
     tgt_tok,
     texts: Sequence[str],
     source_paths: Sequence[str | Path],
@@ -77,15 +79,17 @@ def fused_teachers(
     vocab_fallback: str = "edit_distance",
     positions: str = "same_next",
     ce_unit: str = "token",
-) -> tuple[list[list[int]], list[tuple]]:
-    """Target ids per text and the fused ``(values, indices, mask)`` per text.
+) -> Iterator[tuple[list[int], tuple]]:
+    """Per text, in order: its target ids and the fused ``(values, indices, mask)``.
 
-    ``positions="same_next"`` (FuseLLM's rule) uses a source's distribution only where the
-    source's next token maps to the target's next token (``keep_same_next``); ``"all"`` uses it
-    at every pair of aligned token ends.  ``ce_unit`` scores sources for MinCE/AvgCE by mean
-    CE per token (FuseLLM) or per character of the text (``"char"``: the total NLL of the text
-    spread over its characters, comparable across tokenizers of different granularity, where
-    a character model's per-token CE is low only because its tokens are small).
+    Streams: each source's shards are read one at a time (``iter_source_rows``), so memory does
+    not grow with the corpus.  ``positions="same_next"`` (FuseLLM's rule) uses a source's
+    distribution only where the source's next token maps to the target's next token
+    (``keep_same_next``); ``"all"`` uses it at every pair of aligned token ends.  ``ce_unit``
+    scores sources for MinCE/AvgCE by mean CE per token (FuseLLM) or per character of the text
+    (``"char"``: the total NLL of the text spread over its characters, comparable across
+    tokenizers of different granularity, where a character model's per-token CE is low only
+    because its tokens are small).
     """
     from transformers import AutoTokenizer
 
@@ -97,10 +101,8 @@ def fused_teachers(
         raise FusionError(f"ce_unit must be one of {CE_UNITS}, got {ce_unit!r}")
     if positions not in TEACHER_POSITIONS:
         raise FusionError(f"positions must be one of {TEACHER_POSITIONS}, got {positions!r}")
-    tgt_ids = [encode_ids(tgt_tok, t) for t in texts]
-    tgt_tokens = [tgt_tok.convert_ids_to_tokens(ids) for ids in tgt_ids]
-    per_source = []
     vmaps: dict[str, object] = {}
+    streams = []
     for i, (src, d) in enumerate(zip(source_paths, dist_dirs, strict=True)):
         key = str(src)
         if key not in vmaps:
@@ -108,16 +110,19 @@ def fused_teachers(
             vmaps[key] = checked_vocab_map(
                 src_tok, tgt_tok, name=f"source {i} ({src})", fallback=vocab_fallback
             )
-        rows = read_shards(d)
-        if [r["text"] for r in rows] != list(texts):
-            raise FusionError(f"the distributions in {d} were extracted from other texts")
-        per_source.append((vmaps[key], rows))
-    teachers = []
-    for n, ids in enumerate(tgt_ids):
+        streams.append((vmaps[key], iter_source_rows(d), d))
+    for n, text in enumerate(texts):
+        ids = encode_ids(tgt_tok, text)
+        tgt_tokens = tgt_tok.convert_ids_to_tokens(ids)
         dists, ces = [], []
-        for vmap, rows in per_source:
-            r = rows[n]
-            pairs = align_sequences(r["tokens"], tgt_tokens[n])
+        for vmap, rows, d in streams:
+            r = next(rows, None)
+            if r is None or r["text"] != text:
+                raise FusionError(
+                    f"the distributions in {d} were extracted from other texts (text {n} "
+                    f"{'is missing' if r is None else 'differs'}); extract them again"
+                )
+            pairs = align_sequences(r["tokens"], tgt_tokens)
             if positions == "same_next":
                 pairs = keep_same_next(pairs, r["input_ids"], ids, vmap)
             dists.append(
@@ -130,8 +135,16 @@ def fused_teachers(
                 )
             )
             ces.append(r["mean_ce"] if ce_unit == "token" else per_char_ce(r["ce"], r["text"]))
-        teachers.append(METHODS[method](dists, ces))
-    return tgt_ids, teachers
+        yield ids, METHODS[method](dists, ces)
+    for _, rows, d in streams:
+        if next(rows, None) is not None:
+            raise FusionError(f"the distributions in {d} cover more texts than given")
+
+
+def fused_teachers(*args, **kwargs) -> tuple[list[list[int]], list[tuple]]:
+    """``iter_fused_teachers`` collected: (target ids per text, fused teacher per text)."""
+    pairs = list(iter_fused_teachers(*args, **kwargs))
+    return [ids for ids, _ in pairs], [t for _, t in pairs]
 
 
 def _batches(n: int, batch_size: int, steps: int, seed: int) -> list[list[int]]:
@@ -237,14 +250,15 @@ def _train_loop(
     log_every=0,
 ) -> dict:
     """AdamW on the padded batches of ``_batches``; weights stay float32 (``bf16`` autocasts
-    the forward pass).  Saves model + tokenizer to ``out_dir``."""
+    the forward pass).  ``ids_list`` and ``teachers`` are indexable per text (lists, or a
+    ``TeacherStore`` and its ``ids``).  Saves model + tokenizer to ``out_dir``."""
     check_fits(model, ids_list, f"target {model_name(model)}")
     dev = resolve_device(device)
     autocast = _autocast(dev, precision)
     torch.manual_seed(seed)
     model.to(dev)
-    everything = list(range(len(ids_list)))
-    eval_idx = [everything[i : i + 32] for i in range(0, len(everything), 32)]
+    probe = list(range(min(len(ids_list), EVAL_TEXTS)))
+    eval_idx = [probe[i : i + 32] for i in range(0, len(probe), 32)]
     args = (lam, kind, temperature, dev, autocast)
 
     def full_loss() -> float:
@@ -253,7 +267,7 @@ def _train_loop(
             total = sum(
                 float(_batch_loss(model, ids_list, teachers, b, *args)) * len(b) for b in eval_idx
             )
-        return total / len(everything)
+        return total / len(probe)
 
     before = full_loss()
     opt = torch.optim.AdamW(model.parameters(), lr=lr)
@@ -311,8 +325,10 @@ def fuse_train(
 
     ``dist_dirs`` are the sources' shard folders (from ``extract_all`` over the same texts, in
     ``source_paths`` order); without them the distributions are extracted first into
-    ``out_dir/distributions``.  Returns ``out_dir`` and the full-corpus FuseLLM loss before and
-    after training (``loss_before`` / ``loss_after``) plus the per-step losses; with
+    ``out_dir/distributions``.  The fused teachers are streamed into a memory-mapped
+    ``TeacherStore`` beside ``out_dir`` (removed afterwards), so memory does not grow with the
+    corpus.  Returns ``out_dir``, the FuseLLM loss on the first ``EVAL_TEXTS`` texts before and
+    after training (``loss_before`` / ``loss_after``) and the per-step losses; with
     ``log_every`` it prints the mean loss of every ``log_every`` steps.
     """
     texts = list(texts)
@@ -327,26 +343,33 @@ def fuse_train(
         dist_dirs = extract_all(
             source_paths, texts, Path(out_dir) / "distributions", k=k, use_ray=use_ray
         )
-    ids_list, teachers = fused_teachers(
+    out_dir = Path(out_dir)
+    store_path = out_dir.with_name(f".{out_dir.name}.teachers.arrow")
+    rows = iter_fused_teachers(
         tok, texts, source_paths, dist_dirs, method, vocab_fallback, positions, ce_unit
     )
-    return _train_loop(
-        model,
-        tok,
-        ids_list,
-        teachers,
-        lam=lam,
-        kind=kind,
-        temperature=temperature,
-        steps=steps,
-        lr=lr,
-        seed=seed,
-        batch_size=batch_size,
-        out_dir=out_dir,
-        device=device,
-        precision=precision,
-        log_every=log_every,
-    )
+    store = TeacherStore(write_teacher_store(store_path, rows))
+    try:
+        return _train_loop(
+            model,
+            tok,
+            store.ids,
+            store,
+            lam=lam,
+            kind=kind,
+            temperature=temperature,
+            steps=steps,
+            lr=lr,
+            seed=seed,
+            batch_size=batch_size,
+            out_dir=out_dir,
+            device=device,
+            precision=precision,
+            log_every=log_every,
+        )
+    finally:
+        del store  # unmap before removing the file
+        store_path.unlink(missing_ok=True)
 
 
 def clm_train(
@@ -368,7 +391,7 @@ def clm_train(
     if not texts:
         raise FusionError("the training corpus is empty")
     model, tok = load_lm(target_path)
-    ids_list = [encode_ids(tok, t) for t in texts]
+    ids_list = [np.asarray(encode_ids(tok, t), dtype=np.int32) for t in texts]
     return _train_loop(
         model,
         tok,
