@@ -49,6 +49,7 @@ def test_shipped_config_parses_with_defaults_filled_in():
         ({"build": False}, ["sources[0]: give a path (build is false)"]),
         ({"build": "yes"}, ["build: expected bool"]),
         ({"resources": {"num_gpus": -1}}, ["num_gpus must be >= 0"]),
+        ({"resources": {"train_workers": 0}}, ["resources.train_workers must be >= 1"]),
         ({"corpus": {"n_heldout": 0}}, ["corpus.n_heldout must be >= 1"]),
         ({"corpus": {"train": "t.txt"}}, ["give both train and heldout"]),
         ({"corpus": {"text_field": 3}}, ["corpus.text_field: expected str"]),
@@ -82,3 +83,21 @@ def test_cli_names_a_missing_model_before_any_work(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "no_such_model" in err and "not found" in err
     assert not (tmp_path / "run").exists()  # nothing was built
+
+
+@pytest.mark.parametrize(
+    ("patch", "needle"),
+    [
+        ({"resources": {"train_workers": 2}}, "train_workers > 1 trains on Ray: set use_ray"),
+        (
+            {"use_ray": True, "resources": {"train_workers": 3}, "fusion": {"batch_size": 8}},
+            "fusion.batch_size 8 must be a multiple of resources.train_workers 3",
+        ),
+    ],
+)
+def test_cli_refuses_data_parallel_misfits_before_any_work(tmp_path, capsys, patch, needle):
+    cfg = tmp_path / "f.yaml"
+    cfg.write_text(yaml.safe_dump({**BASE, **patch, "output_dir": str(tmp_path / "run")}))
+    assert main(["fuse", str(cfg)]) == 2
+    assert needle in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()

@@ -517,3 +517,44 @@ def test_teacher_store_round_trips_and_streams(tmp_path, corpus, models):
         fused_teachers(tok, texts[:5], sources, dists, "avg_ce")
     with pytest.raises(FusionError, match="no teacher rows"):
         write_teacher_store(tmp_path / "e.arrow", [])
+
+
+def test_data_parallel_training_equals_one_process(tmp_path, corpus, models, ray_local):
+    """Two DistributedDataParallel workers (Ray Train, gloo on CPU), each on half of every
+    batch, train the same model as one process on whole batches."""
+    from evoray.fusion.remote import run_data_parallel
+
+    sources, target = models
+    train = corpus[0][:12]
+    dists = extract_all(sources, train, tmp_path / "d", k=4, use_ray=False)
+    job = {
+        "target_path": target,
+        "source_paths": sources,
+        "texts": train,
+        "dist_dirs": dists,
+        "k": 4,
+        "lam": 0.5,
+        "steps": 3,
+        "lr": 1e-2,
+        "batch_size": 4,
+    }
+    one = fuse_train(**job, out_dir=tmp_path / "one")
+    two = run_data_parallel(
+        (fuse_train, {**job, "out_dir": tmp_path / "two"}),
+        workers=2,
+        num_cpus=1,
+        storage_path=tmp_path / "ray_train",
+    )
+    assert two["world_size"] == 2 and two["out_dir"] == tmp_path / "two"
+    np.testing.assert_allclose(two["losses"], one["losses"], rtol=1e-5)
+    wa, wb = _weights(one["out_dir"]), _weights(two["out_dir"])
+    for name in wa:
+        torch.testing.assert_close(wb[name], wa[name], rtol=1e-4, atol=1e-5)
+    assert not list(tmp_path.glob(".two.teachers*"))
+    with pytest.raises(FusionError, match="batch_size 3 must be a multiple of the 2 workers"):
+        run_data_parallel(
+            (clm_train, {"target_path": target, "texts": train, "steps": 1, "batch_size": 3,
+                         "out_dir": tmp_path / "bad"}),
+            workers=2,
+            storage_path=tmp_path / "ray_train",
+        )  # fmt: skip

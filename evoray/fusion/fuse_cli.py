@@ -88,13 +88,14 @@ def run_fuse(cfg: FuseConfig, out: Path | None = None, report=print) -> dict:
     """
     from evoray.checkpoint import resolve_model_folder
     from evoray.fusion.corpus import load_corpus
-    from evoray.fusion.remote import run_jobs
+    from evoray.fusion.remote import run_data_parallel, run_jobs
     from evoray.fusion.sources import extract_all
     from evoray.fusion.train import clm_train, fuse_train, heldout_perplexity
 
+    res, fz = cfg.resources, cfg.fusion
+    cfg.check_data_parallel()
     train, heldout = load_corpus(cfg.corpus)
     out = Path(out or cfg.output_dir)
-    res = cfg.resources
     ray_opts = {"use_ray": cfg.use_ray, "num_cpus": res.num_cpus, "num_gpus": res.num_gpus}
     models = [*cfg.sources, cfg.target]
     folders = [out / "sources" / s.name for s in cfg.sources] + [out / "target_init"]
@@ -109,7 +110,6 @@ def run_fuse(cfg: FuseConfig, out: Path | None = None, report=print) -> dict:
         )
     paths = [f if m.path is None else m.path for m, f in zip(models, folders, strict=True)]
     src_paths, target = paths[:-1], paths[-1]
-    fz = cfg.fusion
     report("extracting source distributions ...")
     ex = cfg.extraction
     dist_dirs = extract_all(
@@ -146,7 +146,20 @@ def run_fuse(cfg: FuseConfig, out: Path | None = None, report=print) -> dict:
     clm_job = {"target_path": target, "texts": train, "out_dir": out / "target_clm", **common}
     fuse_job = {"target_path": target, "source_paths": src_paths, "texts": train, **common}
     fuse_job.update(fused, out_dir=out / "target_fused")
-    trained = run_jobs([(clm_train, clm_job), (fuse_train, fuse_job)], **ray_opts)
+    jobs = [(clm_train, clm_job), (fuse_train, fuse_job)]
+    if res.train_workers > 1:
+        trained = [
+            run_data_parallel(
+                job,
+                workers=res.train_workers,
+                num_cpus=res.num_cpus,
+                num_gpus=res.num_gpus,
+                storage_path=out / "ray_train",
+            )
+            for job in jobs
+        ]
+    else:
+        trained = run_jobs(jobs, **ray_opts)
     names = [s.name for s in cfg.sources]
     result = {
         "sources": {
@@ -185,6 +198,7 @@ def _cmd_fuse(args: argparse.Namespace) -> int:
         if gpus < 0:
             raise ConfigError(f"--gpus-per-task must be >= 0, got {gpus:g}")
         cfg = dataclasses.replace(cfg, resources=dataclasses.replace(cfg.resources, num_gpus=gpus))
+    cfg.check_data_parallel()  # before a Ray is started for nothing
     if cfg.use_ray:
         from evoray.execution.tune_runner import ensure_ray
 

@@ -90,10 +90,12 @@ class ExtractionSpec:
 
 @dataclass(frozen=True)
 class ResourcesSpec:
-    """What each Ray task (a source's extraction actor, a training run) reserves."""
+    """What each Ray task (a build, a source's extraction actor, a training worker) reserves;
+    ``train_workers`` > 1 trains each target with that many data-parallel workers."""
 
     num_cpus: float = 1
     num_gpus: float = 0
+    train_workers: int = 1
 
 
 @dataclass(frozen=True)
@@ -150,6 +152,8 @@ class FuseConfig:
         resources = _section(ResourcesSpec, data.get("resources"), source, "resources.")
         if resources.num_cpus < 0 or resources.num_gpus < 0:
             raise ConfigError(f"{source}: resources: num_cpus and num_gpus must be >= 0")
+        if resources.train_workers < 1:
+            raise ConfigError(f"{source}: resources.train_workers must be >= 1")
         extraction = _section(ExtractionSpec, data.get("extraction"), source, "extraction.")
         if extraction.shard_size < 1 or extraction.workers_per_source < 1:
             raise ConfigError(
@@ -167,6 +171,21 @@ class FuseConfig:
             output_dir=_typed(data.get("output_dir", "runs/fusellm"), str, source, "output_dir"),
             source=source,
         )
+
+    def check_data_parallel(self) -> None:
+        """``resources.train_workers`` > 1 needs Ray and a batch that splits evenly (checked
+        after command-line overrides, so not in ``from_dict``)."""
+        workers = self.resources.train_workers
+        if workers > 1 and not self.use_ray:
+            raise ConfigError(
+                f"{self.source}: resources.train_workers > 1 trains on Ray: set use_ray "
+                "(or --use-ray)"
+            )
+        if self.fusion.batch_size % workers:
+            raise ConfigError(
+                f"{self.source}: fusion.batch_size {self.fusion.batch_size} must be a multiple "
+                f"of resources.train_workers {workers}"
+            )
 
 
 def _typed(value: Any, kind: type, source: str, where: str) -> Any:

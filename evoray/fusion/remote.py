@@ -8,10 +8,12 @@ on a multi-node cluster ``output_dir`` must be storage every node sees (as Tune'
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
-from evoray.errors import ray_get
+from evoray.errors import EvorayError, ray_get
 from evoray.fusion import FusionError
 
 Job = tuple[Callable[..., dict], dict[str, Any]]
@@ -73,3 +75,83 @@ def run_jobs(
     check_capacity(num_cpus, num_gpus)
     task = ray.remote(_run_job).options(num_cpus=num_cpus, num_gpus=num_gpus, max_retries=1)
     return ray_get([task.remote(fn, kwargs) for fn, kwargs in jobs])
+
+
+def _ddp_worker(config: dict[str, Any]) -> dict:
+    """One Ray Train worker: the job with this worker's rank and device (rank 0's return value
+    is the result of ``fit``)."""
+    import ray.train
+    import ray.train.torch
+    import torch
+
+    quiet_transformers()
+    ctx = ray.train.get_context()
+    torch.set_num_threads(max(1, int(config["threads"])))
+    dist = (ctx.get_world_rank(), ctx.get_world_size())
+    device = str(ray.train.torch.get_device())
+    result = config["fn"](**config["kwargs"], device=device, dist=dist)
+    return {**result, "world_size": dist[1]}
+
+
+def run_data_parallel(
+    job: Job,
+    *,
+    workers: int,
+    num_cpus: float = 1,
+    num_gpus: float = 0,
+    storage_path: str | Path,
+) -> dict:
+    """One training job as ``workers`` DistributedDataParallel processes (Ray Train's
+    TorchTrainer; NCCL on GPUs, gloo on CPUs), each reserving ``num_cpus``/``num_gpus``.
+    ``storage_path`` holds Ray Train's run records (shared storage on several nodes).  Returns
+    rank 0's result; a worker's EvorayError comes back as itself."""
+    import ray
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    if not ray.is_initialized():
+        raise FusionError("data-parallel training needs Ray (call ray.init first)")
+    fn, kwargs = job
+    kwargs = {k: v for k, v in kwargs.items() if k != "device"}  # Ray Train assigns devices
+    batch = kwargs.get("batch_size", 8)
+    if workers < 1 or batch % workers:
+        raise FusionError(f"batch_size {batch} must be a multiple of the {workers} workers")
+    check_capacity(num_cpus * workers, num_gpus * workers)
+    resources = {"CPU": num_cpus, **({"GPU": num_gpus} if num_gpus else {})}
+    trainer = TorchTrainer(
+        _ddp_worker,
+        train_loop_config={"fn": fn, "kwargs": kwargs, "threads": num_cpus},
+        scaling_config=ScalingConfig(
+            num_workers=workers, use_gpu=num_gpus > 0, resources_per_worker=resources
+        ),
+        run_config=RunConfig(
+            storage_path=str(Path(storage_path).absolute()),
+            name=f"{Path(kwargs['out_dir']).name}-{os.getpid()}",
+        ),
+    )
+    try:
+        result = trainer.fit()
+    except Exception as exc:  # Ray Train wraps worker errors; surface ours plainly
+        cause = _evoray_cause(exc)
+        if cause is not None:
+            raise cause from None
+        raise
+    return result.return_value
+
+
+def _evoray_cause(exc: BaseException) -> EvorayError | None:
+    """The EvorayError somewhere inside a Ray Train failure, if any."""
+    seen: set[int] = set()
+    stack: list[BaseException] = [exc]
+    while stack:
+        e = stack.pop()
+        if id(e) in seen:
+            continue
+        seen.add(id(e))
+        if isinstance(e, EvorayError):
+            return e
+        stack.extend(x for x in (e.__cause__, e.__context__, getattr(e, "cause", None)) if x)
+        errors = getattr(e, "worker_failures", None) or getattr(e, "errors", None)
+        if isinstance(errors, dict):
+            stack.extend(x for x in errors.values() if isinstance(x, BaseException))
+    return None

@@ -248,15 +248,31 @@ def _train_loop(
     device="auto",
     precision="fp32",
     log_every=0,
+    dist=None,
 ) -> dict:
     """AdamW on the padded batches of ``_batches``; weights stay float32 (``bf16`` autocasts
     the forward pass).  ``ids_list`` and ``teachers`` are indexable per text (lists, or a
-    ``TeacherStore`` and its ``ids``).  Saves model + tokenizer to ``out_dir``."""
+    ``TeacherStore`` and its ``ids``).  Saves model + tokenizer to ``out_dir``.
+
+    ``dist=(rank, world)`` inside a torch.distributed process group (Ray Train): the model is
+    wrapped in DistributedDataParallel, each rank takes every ``world``-th sequence of each
+    batch (so the averaged gradient is the whole batch's), and rank 0 saves.
+    """
     check_fits(model, ids_list, f"target {model_name(model)}")
+    rank, world = dist or (0, 1)
+    if batch_size % world:
+        raise FusionError(f"batch_size {batch_size} must be a multiple of the {world} workers")
     dev = resolve_device(device)
     autocast = _autocast(dev, precision)
     torch.manual_seed(seed)
     model.to(dev)
+    trained = model
+    if world > 1:
+        from torch.nn.parallel import DistributedDataParallel
+
+        trained = DistributedDataParallel(
+            model, device_ids=[dev.index] if dev.type == "cuda" else None
+        )
     probe = list(range(min(len(ids_list), EVAL_TEXTS)))
     eval_idx = [probe[i : i + 32] for i in range(0, len(probe), 32)]
     args = (lam, kind, temperature, dev, autocast)
@@ -274,12 +290,16 @@ def _train_loop(
     model.train()
     losses = []
     for idx in _batches(len(ids_list), batch_size, steps, seed):
-        loss = _batch_loss(model, ids_list, teachers, idx, *args)
+        loss = _batch_loss(trained, ids_list, teachers, idx[rank::world], *args)
         opt.zero_grad()
         loss.backward()
         opt.step()
-        losses.append(float(loss.detach()))
-        if log_every and (len(losses) % log_every == 0 or len(losses) == steps):
+        shown = loss.detach().clone()
+        if world > 1:
+            torch.distributed.all_reduce(shown)  # the batch's loss, as a single process sees it
+            shown /= world
+        losses.append(float(shown))
+        if rank == 0 and log_every and (len(losses) % log_every == 0 or len(losses) == steps):
             window = losses[-log_every:]
             print(
                 f"  {Path(out_dir).name}: step {len(losses)}/{steps}, "
@@ -287,7 +307,11 @@ def _train_loop(
                 flush=True,
             )
     after = full_loss()
-    out_dir = save_model(model.to("cpu"), tok, out_dir)
+    if rank == 0:
+        save_model(model.to("cpu"), tok, out_dir)
+    if world > 1:
+        torch.distributed.barrier()  # the folder is whole before any rank returns
+    out_dir = Path(out_dir)
     return {
         "out_dir": out_dir,
         "loss_before": before,
@@ -320,6 +344,7 @@ def fuse_train(
     positions: str = "same_next",
     ce_unit: str = "token",
     log_every: int = 0,
+    dist: tuple[int, int] | None = None,
 ) -> dict:
     """Train the target at ``target_path`` with FuseLLM on ``texts``; save it to ``out_dir``.
 
@@ -344,7 +369,8 @@ def fuse_train(
             source_paths, texts, Path(out_dir) / "distributions", k=k, use_ray=use_ray
         )
     out_dir = Path(out_dir)
-    store_path = out_dir.with_name(f".{out_dir.name}.teachers.arrow")
+    rank = dist[0] if dist else 0
+    store_path = out_dir.with_name(f".{out_dir.name}.teachers-{rank}.arrow")  # one per rank
     rows = iter_fused_teachers(
         tok, texts, source_paths, dist_dirs, method, vocab_fallback, positions, ce_unit
     )
@@ -366,6 +392,7 @@ def fuse_train(
             device=device,
             precision=precision,
             log_every=log_every,
+            dist=dist,
         )
     finally:
         del store  # unmap before removing the file
@@ -384,6 +411,7 @@ def clm_train(
     device: str = "auto",
     precision: str = "fp32",
     log_every: int = 0,
+    dist: tuple[int, int] | None = None,
 ) -> dict:
     """Plain causal-LM continual training (``lam = 1``, no sources), same loop and batches as
     ``fuse_train``: the baseline FuseLLM is compared against."""
@@ -408,6 +436,7 @@ def clm_train(
         device=device,
         precision=precision,
         log_every=log_every,
+        dist=dist,
     )
 
 
