@@ -558,3 +558,10 @@ def test_data_parallel_training_equals_one_process(tmp_path, corpus, models, ray
             workers=2,
             storage_path=tmp_path / "ray_train",
         )  # fmt: skip
+    with pytest.raises(FusionError, match="3 data-parallel workers with cpus=1 each need 3"):
+        run_data_parallel(
+            (clm_train, {"target_path": target, "texts": train, "batch_size": 6,
+                         "out_dir": tmp_path / "big"}),
+            workers=3,
+            storage_path=tmp_path / "ray_train",
+        )  # fmt: skip

@@ -19,17 +19,29 @@ from evoray.fusion import FusionError
 Job = tuple[Callable[..., dict], dict[str, Any]]
 
 
-def check_capacity(num_cpus: float, num_gpus: float) -> None:
-    """Fail now, not hang: Ray waits forever for a task no node can hold."""
+def check_capacity(num_cpus: float, num_gpus: float, count: int = 1) -> None:
+    """Fail now, not hang: Ray waits forever for a task no node can hold.  ``count`` tasks that
+    must run at once (data-parallel workers) need that many times the resources in all."""
     import ray
 
-    total = ray.cluster_resources()
+    nodes = [n.get("Resources", {}) for n in ray.nodes() if n.get("Alive")]
     for key, want in (("GPU", num_gpus), ("CPU", num_cpus)):
-        have = float(total.get(key, 0))
-        if want > have:
+        if want <= 0:
+            continue
+        largest = max((float(r.get(key, 0)) for r in nodes), default=0.0)
+        total = sum(float(r.get(key, 0)) for r in nodes)
+        name = f"num_{key.lower()}s"
+        if want > largest:
             raise FusionError(
                 f"each fusion task asks for {key.lower()}s={want:g} but the Ray cluster has "
-                f"{have:g}; lower resources.num_{key.lower()}s in the fuse config or add nodes"
+                f"{total:g} ({largest:g} on its largest node); lower resources.{name} in the "
+                "fuse config or add nodes"
+            )
+        if want * count > total:
+            raise FusionError(
+                f"{count} data-parallel workers with {key.lower()}s={want:g} each need "
+                f"{want * count:g} but the Ray cluster has {total:g}; lower "
+                f"resources.train_workers or resources.{name}"
             )
 
 
@@ -116,7 +128,7 @@ def run_data_parallel(
     batch = kwargs.get("batch_size", 8)
     if workers < 1 or batch % workers:
         raise FusionError(f"batch_size {batch} must be a multiple of the {workers} workers")
-    check_capacity(num_cpus * workers, num_gpus * workers)
+    check_capacity(num_cpus, num_gpus, count=workers)
     resources = {"CPU": num_cpus, **({"GPU": num_gpus} if num_gpus else {})}
     trainer = TorchTrainer(
         _ddp_worker,
