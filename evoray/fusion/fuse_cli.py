@@ -90,7 +90,7 @@ def run_fuse(cfg: FuseConfig, out: Path | None = None, report=print) -> dict:
     from evoray.fusion.corpus import load_corpus
     from evoray.fusion.remote import run_data_parallel, run_jobs
     from evoray.fusion.sources import extract_all
-    from evoray.fusion.train import clm_train, fuse_train, heldout_perplexity
+    from evoray.fusion.train import clm_train, fuse_train, perplexity_job
 
     res, fz = cfg.resources, cfg.fusion
     cfg.check_data_parallel()
@@ -160,14 +160,24 @@ def run_fuse(cfg: FuseConfig, out: Path | None = None, report=print) -> dict:
         ]
     else:
         trained = run_jobs(jobs, **ray_opts)
+    report("held-out perplexities ...")
+    scored = [*src_paths, target, out / "target_clm", out / "target_fused"]
+    ppl = [
+        r["perplexity"]
+        for r in run_jobs(
+            [
+                (perplexity_job, {"model_path": p, "texts": heldout, "device": fz.device})
+                for p in scored
+            ],
+            **ray_opts,
+        )
+    ]
     names = [s.name for s in cfg.sources]
     result = {
-        "sources": {
-            n: heldout_perplexity(p, heldout) for n, p in zip(names, src_paths, strict=True)
-        },
-        "target_before": heldout_perplexity(target, heldout),
-        "target_clm": heldout_perplexity(out / "target_clm", heldout),
-        "target_fused": heldout_perplexity(out / "target_fused", heldout),
+        "sources": dict(zip(names, ppl[: len(names)], strict=True)),
+        "target_before": ppl[-3],
+        "target_clm": ppl[-2],
+        "target_fused": ppl[-1],
         "devices": [t["device"] for t in trained],
     }
     report("")

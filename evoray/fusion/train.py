@@ -440,13 +440,14 @@ def clm_train(
     )
 
 
-def heldout_perplexity(model_path: str | Path, texts: Sequence[str]) -> float:
+def heldout_perplexity(model_path: str | Path, texts: Sequence[str], device: str = "cpu") -> float:
     """Token perplexity of the model on ``<bos> text <eos>`` sequences (its own tokenizer)."""
     from evoray.evaluation import EncodedSplit, lm_perplexity
 
     if not texts:
         raise FusionError("no held-out texts to score")
     model, tok = load_lm(model_path)
+    model.to(resolve_device(device))
     rows = [encode_ids(tok, t) for t in texts]
     check_fits(model, rows, f"{model_path} (held-out texts)")
     width = max(len(r) for r in rows)
@@ -457,3 +458,9 @@ def heldout_perplexity(model_path: str | Path, texts: Sequence[str]) -> float:
         mask[i, : len(r)] = 1
     split = EncodedSplit(ids, mask, ids.masked_fill(mask == 0, -100))
     return lm_perplexity(model, split, batch_size=32)["perplexity"]
+
+
+def perplexity_job(model_path: str | Path, texts: Sequence[str], device: str = "auto") -> dict:
+    """``heldout_perplexity`` as a ``run_jobs`` job (a dict, with the device used)."""
+    dev = str(resolve_device(device))
+    return {"perplexity": heldout_perplexity(model_path, texts, dev), "device": dev}
