@@ -1,9 +1,12 @@
-"""FuseLLM knowledge fusion (Wan et al., ICLR 2024, arXiv 2401.10491): pure, testable math.
+"""FuseLLM knowledge fusion (Wan et al., ICLR 2024, arXiv 2401.10491).
 
-Several *source* LLMs with different tokenizers teach one *target* model.  ``align`` maps the
-sources' tokens and sequence positions onto the target's; ``distill`` keeps each source's top-k
-next-token logits, fuses sources per sequence (MinCE / AvgCE) and computes the sparse fusion loss
-``lam * CLM + (1 - lam) * fusion``.  Nothing here uses Ray or touches disk.
+Several *source* LLMs with different tokenizers teach one *target* model.  Data flows:
+``corpus`` (texts, tokenizers, tiny LMs) -> ``sources`` (each source's top-k logits and CE,
+Parquet shards) -> ``align`` + ``distill`` (pure math: token/vocab alignment, MinCE / AvgCE,
+the sparse loss ``lam * CLM + (1 - lam) * fusion``; no Ray, no disk) -> ``teachers`` (fused
+teachers in a memory-mapped store) -> ``train`` (the training loops) -> ``remote`` (Ray tasks,
+Ray Train) -> ``fuse_config`` + ``fuse_cli`` (``evoray fuse``).  The math re-exported here
+loads on first use.
 """
 
 from evoray.errors import EvorayError

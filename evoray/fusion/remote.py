@@ -1,9 +1,12 @@
-"""Fusion's heavy steps as Ray tasks: each training run reserves its own CPUs/GPUs.
+"""Fusion's heavy steps on Ray: tasks that reserve their own CPUs/GPUs, and data-parallel
+training with Ray Train.
 
-The CLM baseline and the FuseLLM target train independently, so on Ray they run at the same
-time, each on the GPU Ray assigns it (``num_gpus: 1``) or on CPUs.  Paths travel, not weights:
-on a multi-node cluster ``output_dir`` must be storage every node sees (as Tune's
-``storage_path``).  Without Ray the same jobs run one after the other in this process.
+``run_jobs`` runs independent jobs (model builds, the CLM baseline and the FuseLLM target,
+perplexities) as one task each, all at once, each on the GPU Ray assigns it (``num_gpus: 1``)
+or on CPUs; without Ray the same jobs run one after the other here.  ``run_data_parallel`` runs
+one training as DistributedDataParallel workers (``resources.train_workers``).  Paths travel,
+not weights: on a multi-node cluster ``output_dir`` must be storage every node sees (as Tune's
+``storage_path``).
 """
 
 from __future__ import annotations
