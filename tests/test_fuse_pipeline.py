@@ -28,7 +28,13 @@ from evoray.fusion.sources import (
     source_distributions,
     write_shard,
 )
-from evoray.fusion.train import checked_vocab_map, clm_train, fuse_train, heldout_perplexity
+from evoray.fusion.train import (
+    build_teachers,
+    checked_vocab_map,
+    clm_train,
+    fuse_train,
+    heldout_perplexity,
+)
 
 
 def _save(tok, model, path: Path) -> Path:
@@ -539,8 +545,10 @@ def test_data_parallel_training_equals_one_process(tmp_path, corpus, models, ray
         "batch_size": 4,
     }
     one = fuse_train(**job, out_dir=tmp_path / "one")
+    # the ranks share one prebuilt store instead of building their own
+    store = build_teachers(target, sources, train, dists, tmp_path / "teachers", part_size=5)
     two = run_data_parallel(
-        (fuse_train, {**job, "out_dir": tmp_path / "two"}),
+        (fuse_train, {**job, "out_dir": tmp_path / "two", "teachers": store}),
         workers=2,
         num_cpus=1,
         storage_path=tmp_path / "ray_train",
@@ -565,3 +573,39 @@ def test_data_parallel_training_equals_one_process(tmp_path, corpus, models, ray
             workers=3,
             storage_path=tmp_path / "ray_train",
         )  # fmt: skip
+
+
+def test_teachers_built_in_parts_on_ray_equal_the_stream(tmp_path, corpus, models, ray_local):
+    """Parts of 3 texts over shards of 4 (boundaries that do not line up), built as Ray tasks:
+    the store equals the single stream; fuse_train on it equals fuse_train building its own."""
+    from transformers import AutoTokenizer
+
+    from evoray.fusion.teachers import TeacherStore
+    from evoray.fusion.train import fused_teachers
+
+    sources, target = models
+    texts = corpus[0][:8]
+    dists = extract_all(sources, texts, tmp_path / "d", k=3, use_ray=False, shard_size=4)
+    lines: list[str] = []
+    folder = build_teachers(
+        target, sources, texts, dists, tmp_path / "t", part_size=3, use_ray=True,
+        num_cpus=0.5, report=lines.append,
+    )  # fmt: skip
+    assert sorted(p.name for p in folder.iterdir()) == [f"part-0000{i}.arrow" for i in range(3)]
+    assert "3 part(s), 8 texts" in lines[0]
+    tok = AutoTokenizer.from_pretrained(str(target))
+    ids, teachers = fused_teachers(tok, texts, sources, dists, "avg_ce")
+    store = TeacherStore(folder)
+    assert len(store) == 8
+    for i in range(8):
+        assert store.ids[i].tolist() == ids[i]
+        for got, want in zip(store[i], teachers[i], strict=True):
+            torch.testing.assert_close(got, want, rtol=0, atol=0)
+    job = {"target_path": target, "source_paths": sources, "texts": texts, "steps": 2, "k": 3}
+    own = fuse_train(**job, dist_dirs=dists, out_dir=tmp_path / "own")
+    shared = fuse_train(**job, teachers=folder, out_dir=tmp_path / "shared")
+    assert own["losses"] == shared["losses"]
+    with pytest.raises(FusionError, match="holds 8 texts, the corpus 7"):
+        fuse_train(**{**job, "texts": texts[:7]}, teachers=folder, out_dir=tmp_path / "x")
+    with pytest.raises(FusionError, match="hold 8 texts, the corpus 5"):
+        build_teachers(target, sources, texts[:5], dists, tmp_path / "t2")

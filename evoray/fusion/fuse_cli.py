@@ -90,7 +90,7 @@ def run_fuse(cfg: FuseConfig, out: Path | None = None, report=print) -> dict:
     from evoray.fusion.corpus import load_corpus
     from evoray.fusion.remote import run_data_parallel, run_jobs
     from evoray.fusion.sources import extract_all
-    from evoray.fusion.train import clm_train, fuse_train, perplexity_job
+    from evoray.fusion.train import build_teachers, clm_train, fuse_train, perplexity_job
 
     res, fz = cfg.resources, cfg.fusion
     cfg.check_data_parallel()
@@ -131,17 +131,23 @@ def run_fuse(cfg: FuseConfig, out: Path | None = None, report=print) -> dict:
         "precision": fz.precision,
         "log_every": max(1, fz.steps // 5),
     }
-    fused = {
-        "method": fz.method,
-        "lam": fz.lam,
-        "kind": fz.kind,
-        "temperature": fz.temperature,
-        "k": fz.k,
-        "vocab_fallback": fz.vocab_map,
-        "positions": fz.positions,
-        "ce_unit": fz.ce_unit,
-        "dist_dirs": dist_dirs,
-    }
+    report("building fused teachers ...")
+    teachers = build_teachers(
+        target,
+        src_paths,
+        train,
+        dist_dirs,
+        out / "teachers",
+        method=fz.method,
+        vocab_fallback=fz.vocab_map,
+        positions=fz.positions,
+        ce_unit=fz.ce_unit,
+        part_size=ex.shard_size,
+        use_ray=cfg.use_ray,
+        num_cpus=res.num_cpus,
+        report=report,
+    )
+    fused = {"lam": fz.lam, "kind": fz.kind, "temperature": fz.temperature, "teachers": teachers}
     report(f"training target: plain CLM and FuseLLM ({fz.method}, lam={fz.lam:g}) ...")
     clm_job = {"target_path": target, "texts": train, "out_dir": out / "target_clm", **common}
     fuse_job = {"target_path": target, "source_paths": src_paths, "texts": train, **common}

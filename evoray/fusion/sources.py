@@ -144,14 +144,26 @@ def write_shard(rows: Sequence[dict], path: str | Path) -> Path:
     return path
 
 
-def iter_source_rows(directory: str | Path) -> Iterator[dict]:
-    """The rows of ``directory/shard-*.parquet`` in shard order, arrays reshaped to [seq, k],
-    with one shard in memory at a time."""
+def iter_source_rows(
+    directory: str | Path, start: int = 0, stop: int | None = None
+) -> Iterator[dict]:
+    """Rows ``start:stop`` of ``directory/shard-*.parquet`` in shard order, arrays reshaped to
+    [seq, k], with one shard in memory at a time (shards before ``start`` are skipped by their
+    row counts, unread)."""
     files = sorted(Path(directory).glob("shard-*.parquet"))
     if not files:
         raise FusionError(f"no shard-*.parquet files in {directory}")
+    offset = 0
     for f in files:
-        for r in pq.read_table(f).to_pylist():
+        if stop is not None and offset >= stop:
+            return
+        n = pq.ParquetFile(f).metadata.num_rows
+        if offset + n <= start:
+            offset += n
+            continue
+        lo, hi = max(0, start - offset), n if stop is None else min(n, stop - offset)
+        offset += n
+        for r in pq.read_table(f).slice(lo, hi - lo).to_pylist():
             k = r["k"]
             yield {
                 "text": r["text"],

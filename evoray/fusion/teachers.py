@@ -87,15 +87,20 @@ class _Ids:
 
 
 class TeacherStore:
-    """Read-only, memory-mapped view of a ``write_teacher_store`` file: ``store[i]`` is text
-    ``i``'s ``(values, indices, mask)`` and ``store.ids[i]`` its target ids."""
+    """Read-only, memory-mapped view of a ``write_teacher_store`` file, or of a folder of
+    ``part-*.arrow`` files read in order (``build_teachers``): ``store[i]`` is text ``i``'s
+    ``(values, indices, mask)`` and ``store.ids[i]`` its target ids."""
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
+        files = sorted(self.path.glob("part-*.arrow")) if self.path.is_dir() else [self.path]
+        if not files:
+            raise FusionError(f"no part-*.arrow teacher files in {self.path}")
         try:
-            self._table = pa.ipc.open_file(pa.memory_map(str(self.path))).read_all()
+            tables = [pa.ipc.open_file(pa.memory_map(str(f))).read_all() for f in files]
         except (OSError, pa.ArrowInvalid) as exc:
             raise FusionError(f"cannot read teacher store {self.path}: {exc}") from None
+        self._table = pa.concat_tables(tables)  # zero-copy: chunks stay mapped
         self.ids = _Ids(self._table.column("ids"))
         self._k = self._table.column("k")
         self._values = self._table.column("values")

@@ -17,6 +17,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
+import pyarrow.parquet as pq
 import torch
 
 from evoray.fusion import FusionError
@@ -79,6 +80,9 @@ def iter_fused_teachers(
     vocab_fallback: str = "edit_distance",
     positions: str = "same_next",
     ce_unit: str = "token",
+    *,
+    start: int | None = None,
+    vocab_maps: Sequence[np.ndarray] | None = None,
 ) -> Iterator[tuple[list[int], tuple]]:
     """Per text, in order: its target ids and the fused ``(values, indices, mask)``.
 
@@ -90,28 +94,26 @@ def iter_fused_teachers(
     (``"char"``: the total NLL of the text spread over its characters, comparable across
     tokenizers of different granularity, where a character model's per-token CE is low only
     because its tokens are small).
+
+    ``start``: ``texts`` are the corpus's texts ``start:start + len(texts)`` (one part of a
+    parallel build; the shards are read from there); None: the whole corpus, and the shards
+    must hold exactly these texts.  ``vocab_maps``: precomputed per source (else computed here).
     """
-    from transformers import AutoTokenizer
-
-    from evoray.checkpoint import resolve_model_folder
-
     if method not in METHODS:
         raise FusionError(f"method must be one of {sorted(METHODS)}, got {method!r}")
     if ce_unit not in CE_UNITS:
         raise FusionError(f"ce_unit must be one of {CE_UNITS}, got {ce_unit!r}")
     if positions not in TEACHER_POSITIONS:
         raise FusionError(f"positions must be one of {TEACHER_POSITIONS}, got {positions!r}")
-    vmaps: dict[str, object] = {}
-    streams = []
-    for i, (src, d) in enumerate(zip(source_paths, dist_dirs, strict=True)):
-        key = str(src)
-        if key not in vmaps:
-            src_tok = AutoTokenizer.from_pretrained(str(resolve_model_folder(key)))
-            vmaps[key] = checked_vocab_map(
-                src_tok, tgt_tok, name=f"source {i} ({src})", fallback=vocab_fallback
-            )
-        streams.append((vmaps[key], iter_source_rows(d), d))
-    for n, text in enumerate(texts):
+    if vocab_maps is None:
+        vocab_maps = source_vocab_maps(tgt_tok, source_paths, vocab_fallback)
+    first = start or 0
+    stop = None if start is None else first + len(texts)
+    streams = [
+        (vmap, iter_source_rows(d, first, stop), d)
+        for vmap, d in zip(vocab_maps, dist_dirs, strict=True)
+    ]
+    for n, text in enumerate(texts, start=first):
         ids = encode_ids(tgt_tok, text)
         tgt_tokens = tgt_tok.convert_ids_to_tokens(ids)
         dists, ces = [], []
@@ -136,9 +138,112 @@ def iter_fused_teachers(
             )
             ces.append(r["mean_ce"] if ce_unit == "token" else per_char_ce(r["ce"], r["text"]))
         yield ids, METHODS[method](dists, ces)
-    for _, rows, d in streams:
-        if next(rows, None) is not None:
-            raise FusionError(f"the distributions in {d} cover more texts than given")
+    if start is None:
+        for _, rows, d in streams:
+            if next(rows, None) is not None:
+                raise FusionError(f"the distributions in {d} cover more texts than given")
+
+
+def source_vocab_maps(tgt_tok, source_paths: Sequence[str | Path], fallback: str) -> list:
+    """``checked_vocab_map`` source -> target for every source (computed once per distinct
+    source: the edit-distance search is the slow part of alignment on large vocabularies)."""
+    from transformers import AutoTokenizer
+
+    from evoray.checkpoint import resolve_model_folder
+
+    maps: dict[str, np.ndarray] = {}
+    for i, src in enumerate(source_paths):
+        key = str(src)
+        if key not in maps:
+            src_tok = AutoTokenizer.from_pretrained(str(resolve_model_folder(key)))
+            maps[key] = checked_vocab_map(
+                src_tok, tgt_tok, name=f"source {i} ({src})", fallback=fallback
+            )
+    return [maps[str(src)] for src in source_paths]
+
+
+def teacher_part_job(
+    target_path: str | Path, texts: Sequence[str], start: int, path: str | Path, **kwargs
+) -> dict:
+    """One part of ``build_teachers``: texts ``start:start + len(texts)`` into ``path``."""
+    from transformers import AutoTokenizer
+
+    from evoray.checkpoint import resolve_model_folder
+
+    tok = AutoTokenizer.from_pretrained(str(resolve_model_folder(target_path)))
+    rows = iter_fused_teachers(tok, texts, start=start, **kwargs)
+    return {"path": write_teacher_store(path, rows), "texts": len(texts)}
+
+
+def build_teachers(
+    target_path: str | Path,
+    source_paths: Sequence[str | Path],
+    texts: Sequence[str],
+    dist_dirs: Sequence[str | Path],
+    out_dir: str | Path,
+    *,
+    method: str = "avg_ce",
+    vocab_fallback: str = "edit_distance",
+    positions: str = "same_next",
+    ce_unit: str = "token",
+    part_size: int = 2048,
+    use_ray: bool = False,
+    num_cpus: float = 1,
+    report=None,
+) -> Path:
+    """The fused teachers of ``texts`` as ``out_dir/part-NNNNN.arrow`` files (a
+    ``TeacherStore`` folder), ``part_size`` texts each, built in parallel as Ray tasks with
+    ``use_ray``.  Vocabulary maps are computed once here and shipped to every part.  The
+    store is built once and shared by every training (and every data-parallel rank)."""
+    from transformers import AutoTokenizer
+
+    from evoray.checkpoint import resolve_model_folder
+    from evoray.fusion.remote import run_jobs
+
+    texts = list(texts)
+    if not texts:
+        raise FusionError("the training corpus is empty")
+    if part_size < 1:
+        raise FusionError(f"part_size must be >= 1, got {part_size}")
+    for d in dist_dirs:
+        rows = sum(pq.ParquetFile(f).metadata.num_rows for f in Path(d).glob("shard-*.parquet"))
+        if rows != len(texts):
+            raise FusionError(
+                f"the distributions in {d} hold {rows} texts, the corpus {len(texts)}; extract "
+                "them again for this corpus"
+            )
+    tok = AutoTokenizer.from_pretrained(str(resolve_model_folder(target_path)))
+    maps = source_vocab_maps(tok, source_paths, vocab_fallback)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for old in out_dir.glob("part-*.arrow"):
+        old.unlink()
+    common = {
+        "target_path": target_path,
+        "source_paths": source_paths,
+        "dist_dirs": dist_dirs,
+        "method": method,
+        "vocab_fallback": vocab_fallback,
+        "positions": positions,
+        "ce_unit": ce_unit,
+        "vocab_maps": maps,
+    }
+    jobs = [
+        (
+            teacher_part_job,
+            {
+                **common,
+                "texts": texts[a : a + part_size],
+                "start": a,
+                "path": out_dir / f"part-{a // part_size:05d}.arrow",
+            },
+        )
+        for a in range(0, len(texts), part_size)
+    ]
+    run_jobs(jobs, use_ray=use_ray, num_cpus=num_cpus)
+    if report:
+        report(f"  fused teachers: {len(jobs)} part(s), {len(texts)} texts in {out_dir}")
+    return out_dir
 
 
 def fused_teachers(*args, **kwargs) -> tuple[list[list[int]], list[tuple]]:
@@ -345,6 +450,7 @@ def fuse_train(
     ce_unit: str = "token",
     log_every: int = 0,
     dist: tuple[int, int] | None = None,
+    teachers: str | Path | None = None,
 ) -> dict:
     """Train the target at ``target_path`` with FuseLLM on ``texts``; save it to ``out_dir``.
 
@@ -352,9 +458,11 @@ def fuse_train(
     ``source_paths`` order); without them the distributions are extracted first into
     ``out_dir/distributions``.  The fused teachers are streamed into a memory-mapped
     ``TeacherStore`` beside ``out_dir`` (removed afterwards), so memory does not grow with the
-    corpus.  Returns ``out_dir``, the FuseLLM loss on the first ``EVAL_TEXTS`` texts before and
-    after training (``loss_before`` / ``loss_after``) and the per-step losses; with
-    ``log_every`` it prints the mean loss of every ``log_every`` steps.
+    corpus; ``teachers`` names a store already built by ``build_teachers`` instead (then the
+    distribution and fusion arguments are not used).  Returns ``out_dir``, the FuseLLM loss on
+    the first ``EVAL_TEXTS`` texts before and after training (``loss_before`` /
+    ``loss_after``) and the per-step losses; with ``log_every`` it prints the mean loss of
+    every ``log_every`` steps.
     """
     texts = list(texts)
     if not texts:
@@ -364,17 +472,25 @@ def fuse_train(
     if not 0.0 <= lam <= 1.0:
         raise FusionError(f"lam must be in [0, 1], got {lam}")
     model, tok = load_lm(target_path)
-    if dist_dirs is None:
-        dist_dirs = extract_all(
-            source_paths, texts, Path(out_dir) / "distributions", k=k, use_ray=use_ray
-        )
     out_dir = Path(out_dir)
-    rank = dist[0] if dist else 0
-    store_path = out_dir.with_name(f".{out_dir.name}.teachers-{rank}.arrow")  # one per rank
-    rows = iter_fused_teachers(
-        tok, texts, source_paths, dist_dirs, method, vocab_fallback, positions, ce_unit
-    )
-    store = TeacherStore(write_teacher_store(store_path, rows))
+    store_path = None  # a store built here, removed afterwards
+    if teachers is not None:
+        store = TeacherStore(teachers)
+        if len(store) != len(texts):
+            raise FusionError(
+                f"the teacher store {teachers} holds {len(store)} texts, the corpus {len(texts)}"
+            )
+    else:
+        if dist_dirs is None:
+            dist_dirs = extract_all(
+                source_paths, texts, out_dir / "distributions", k=k, use_ray=use_ray
+            )
+        rank = dist[0] if dist else 0
+        store_path = out_dir.with_name(f".{out_dir.name}.teachers-{rank}.arrow")  # per rank
+        rows = iter_fused_teachers(
+            tok, texts, source_paths, dist_dirs, method, vocab_fallback, positions, ce_unit
+        )
+        store = TeacherStore(write_teacher_store(store_path, rows))
     try:
         return _train_loop(
             model,
@@ -396,7 +512,8 @@ def fuse_train(
         )
     finally:
         del store  # unmap before removing the file
-        store_path.unlink(missing_ok=True)
+        if store_path is not None:
+            store_path.unlink(missing_ok=True)
 
 
 def clm_train(
