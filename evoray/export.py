@@ -60,6 +60,22 @@ def _set_dtype(config: dict[str, Any], name: str) -> None:
             _set_dtype(value, name)
 
 
+def replace_folder(new: Path, dest: Path) -> None:
+    """Move the finished folder ``new`` to ``dest``, replacing any folder there.  The old one
+    is renamed aside first so a failure can put it back: ``dest`` is never torn."""
+    if not dest.exists():
+        os.replace(new, dest)
+        return
+    old = dest.parent / f".{dest.name}.old-{uuid.uuid4().hex[:8]}"
+    os.replace(dest, old)
+    try:
+        os.replace(new, dest)
+    except OSError:
+        os.replace(old, dest)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+
+
 class ModelFolderWriter:
     """Streams a merged model into an HF folder; crash-safe: writes into a sibling temp dir,
     renames on commit.
@@ -311,15 +327,7 @@ class ModelFolderWriter:
                 f"Output folder {self.out_dir} was filled while merging; the result stays in "
                 f"{self.tmp_dir}. Move it yourself or rerun with --overwrite."
             )
-        # Swap: the old folder is renamed aside first so a failure can put it back.
-        old = self.out_dir.parent / f".{self.out_dir.name}.old-{uuid.uuid4().hex[:8]}"
-        os.replace(self.out_dir, old)
-        try:
-            os.replace(self.tmp_dir, self.out_dir)
-        except OSError:
-            os.replace(old, self.out_dir)
-            raise
-        shutil.rmtree(old, ignore_errors=True)
+        replace_folder(self.tmp_dir, self.out_dir)
 
     def abort(self) -> None:
         """Discard everything written so far; safe to call more than once."""

@@ -20,6 +20,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import torch
 
+from evoray.export import replace_folder
 from evoray.fusion import FusionError
 from evoray.fusion.align import (
     TEACHER_POSITIONS,
@@ -327,12 +328,7 @@ def save_model(model, tok, out_dir: str | Path) -> Path:
         for entry in out_dir.iterdir():
             if not (tmp / entry.name).exists():
                 os.replace(entry, tmp / entry.name)
-        old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
-        os.replace(out_dir, old)
-        os.replace(tmp, out_dir)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, out_dir)
+    replace_folder(tmp, out_dir)
     return out_dir
 
 
