@@ -523,7 +523,9 @@ def _resolve_source(
     return text, _hub_download(text, revision=revision, allow_pickle=allow_pickle), True
 
 
-def _read_config(folder: Path) -> dict | None:
+def read_config(folder: Path) -> dict | None:
+    """``folder/config.json`` as a dict (None if absent); unreadable or not an object is a
+    CheckpointError naming the file."""
     cfg = folder / "config.json"
     if not cfg.is_file():
         return None
@@ -600,7 +602,7 @@ def open_checkpoint(
             source=text,
             path=path,
             folder=path,
-            config=_read_config(path),
+            config=read_config(path),
             entries=entries,
             fmt=fmt,
         )
@@ -648,7 +650,7 @@ def load_model(
     """
     folder = resolve_model_folder(source, allow_pickle=allow_pickle, revision=revision)
     text = os.fspath(source)
-    config = _read_config(folder)
+    config = read_config(folder)
     if config is None:
         raise CheckpointError(
             f"{folder} has no config.json, so transformers cannot build model {text!r}. "

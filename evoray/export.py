@@ -20,6 +20,7 @@ import torch
 import yaml
 from safetensors.torch import save_file
 
+from evoray.checkpoint import read_config
 from evoray.errors import CheckpointError
 
 __all__ = ["MODEL_FILES", "TOKENIZER_FILES", "ModelFolderWriter"]
@@ -199,14 +200,8 @@ class ModelFolderWriter:
                     self._tokenizer_files.append(dst)
 
     def _copy_config(self, folder: Path, dtype: torch.dtype | None) -> None:
-        config_src = folder / "config.json"
-        if config_src.is_file():
-            try:
-                data = json.loads(config_src.read_text(encoding="utf-8"))
-            except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-                raise CheckpointError(f"Cannot parse {config_src}: {e}. Fix the file.") from e
-            if not isinstance(data, dict):
-                raise CheckpointError(f"{config_src} is not a JSON object. Fix the file.")
+        data = read_config(folder)
+        if data is not None:
             if dtype is not None:
                 _set_dtype(data, _dtype_name(dtype))
             (self.tmp_dir / "config.json").write_text(
