@@ -170,26 +170,20 @@ def plan_merge(
 
 
 def _check_parameter_names(config: MergeConfig, method: MergeMethod) -> None:
-    known = {p.name: p for p in method.params}
-    listing = ", ".join(known) or "none"
-    for name in config.parameters:
-        if name not in known:
-            raise ConfigError(
-                f"{config.source}: parameters.{name}: {method.name} has no parameter {name!r} "
-                f"(its parameters: {listing})"
-            )
-    for i, spec in enumerate(config.models):
-        for name in spec.parameters:
-            if name not in known:
-                raise ConfigError(
-                    f"{config.source}: models[{i}].parameters.{name}: {method.name} has no "
-                    f"parameter {name!r} (its parameters: {listing})"
-                )
-            if not known[name].per_model:
-                raise ConfigError(
-                    f"{config.source}: models[{i}].parameters.{name}: {name!r} is a global "
-                    f"parameter of {method.name}; put it under the top-level 'parameters'"
-                )
+    bad = method.misplaced_param(config.parameters, [m.parameters for m in config.models])
+    if bad is None:
+        return
+    i, name, known = bad
+    listing = ", ".join(p.name for p in method.params) or "none"
+    where = f"{config.source}: " + ("" if i is None else f"models[{i}].") + f"parameters.{name}"
+    if known:
+        raise ConfigError(
+            f"{where}: {name!r} is a global parameter of {method.name}; put it under the "
+            "top-level 'parameters'"
+        )
+    raise ConfigError(
+        f"{where}: {method.name} has no parameter {name!r} (its parameters: {listing})"
+    )
 
 
 def _validate_all_tensors(plan: MergePlan) -> None:

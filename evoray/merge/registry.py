@@ -23,7 +23,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -150,6 +150,22 @@ class MergeMethod:
             extra = " besides the base model" if self.needs_base else ""
             raise ConfigError(f"{self.name}: needs {want} model(s){extra}, got {n_models}{where}")
 
+    def misplaced_param(
+        self, params: Iterable[str], model_params: Sequence[Iterable[str]]
+    ) -> tuple[int | None, str, bool] | None:
+        """The first parameter name that cannot be used, as ``(model index, name, known)``:
+        an unknown merge-level name (index None, known False), an unknown per-model name
+        (known False), or a global parameter set per model (known True); None if all fit."""
+        known = {p.name: p for p in self.params}
+        for key in params:
+            if key not in known:
+                return None, key, False
+        for i, mp in enumerate(model_params):
+            for key in mp:
+                if key not in known or not known[key].per_model:
+                    return i, key, key in known
+        return None
+
     def resolve_params(
         self,
         model_params: Sequence[Mapping[str, Any]],
@@ -161,25 +177,23 @@ class MergeMethod:
         out-of-range values raise ConfigError; returns (per-model dicts, global dict) with every
         parameter present. A per-model parameter given in ``params`` is the default for all
         models."""
-        known = {p.name: p for p in self.params}
-        for key in params:
-            if key not in known:
+        bad = self.misplaced_param(params, model_params)
+        if bad is not None:
+            i, key, known = bad
+            if i is None:
                 raise ConfigError(
                     f"{self.name}: unknown parameter '{key}'{self._where(tensor_name)}; "
                     f"allowed: {self._allowed()}"
                 )
-        for i, mp in enumerate(model_params):
-            for key in mp:
-                if key not in known:
-                    raise ConfigError(
-                        f"{self.name}: unknown parameter '{key}'{self._where(tensor_name, i)}; "
-                        f"allowed per model: {self._allowed(True)}"
-                    )
-                if not known[key].per_model:
-                    raise ConfigError(
-                        f"{self.name}: parameter '{key}' is global and cannot be set per model"
-                        f"{self._where(tensor_name, i)}; set it under the merge's parameters"
-                    )
+            if not known:
+                raise ConfigError(
+                    f"{self.name}: unknown parameter '{key}'{self._where(tensor_name, i)}; "
+                    f"allowed per model: {self._allowed(True)}"
+                )
+            raise ConfigError(
+                f"{self.name}: parameter '{key}' is global and cannot be set per model"
+                f"{self._where(tensor_name, i)}; set it under the merge's parameters"
+            )
         for p in self.per_model_params:  # a global default must be valid even if overridden
             if p.name in params:
                 self._value(p, params[p.name], tensor_name, None)
