@@ -30,8 +30,9 @@ def load_lm(path: str | Path):
 
     from evoray.checkpoint import load_model, resolve_model_folder
 
-    model = load_model(path, model_cls=AutoModelForCausalLM)
-    return model, AutoTokenizer.from_pretrained(str(resolve_model_folder(path)))
+    folder = resolve_model_folder(path)  # once: a hub id is looked up a single time
+    model = load_model(folder, model_cls=AutoModelForCausalLM)
+    return model, AutoTokenizer.from_pretrained(str(folder))
 
 
 def encode_ids(tokenizer, text: str) -> list[int]:
