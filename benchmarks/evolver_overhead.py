@@ -20,30 +20,33 @@ import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 from transformers.utils import logging as hf_logging
 
-from evoray.checkpoint import open_checkpoint
-from evoray.evaluation import classification_scores
-from evoray.evolution.de import sample_recipes
-from evoray.evolution.evolver import EvolverSettings
-from evoray.execution.evolver_run import EvolverRun
 from evoray.execution.pool import WorkerPool
-from evoray.execution.search_run import RunInputs
-from evoray.execution.worker import TaskSpec, WorkerSpec
-from evoray.layout import Layout
-from evoray.zoo import build_zoo
+from evoray.execution.population import RunInputs
+from evoray.execution.search_run import SearchRun
+from evoray.execution.worker import WorkerSpec
+from evoray.models.pool import ModelPool
+from evoray.models.zoo import build_zoo
+from evoray.strategies.base import Problem
+from evoray.strategies.de import sample_recipes
+from evoray.strategies.evolver import Evolver, EvolverSettings
+from evoray.tasks.evaluation import classification_scores
+from evoray.tasks.pool import ZooTasks
+from evoray.weights.checkpoint import open_checkpoint
+from evoray.weights.layout import Layout
 
 
 def evoray_run(zoo, generations: int, workers: int) -> dict:
     members = tuple(str(p) for p in zoo.experts.values())
     with open_checkpoint(members[0]) as c:
         layout = Layout.from_checkpoint(c)
-    tasks = TaskSpec(seed=zoo.spec.seed, n_domains=zoo.spec.n_domains, n_ood=zoo.spec.n_ood)
+    tasks = ZooTasks(seed=zoo.spec.seed, n_domains=zoo.spec.n_domains, n_ood=zoo.spec.n_ood)
     pool = WorkerPool(WorkerSpec(members[0], layout, tasks, torch_threads=1), workers)
-    run = EvolverRun(
-        EvolverSettings(generations=generations),
-        RunInputs(members=members, tasks=tasks),  # no base: kinship logging off, as in the ref
+    run = SearchRun(
+        Evolver(EvolverSettings(generations=generations), Problem(len(members), has_base=False)),
+        RunInputs(ModelPool(members), tasks=tasks),  # no base: kinship logging off, as in the ref
         pool,
     )
-    state = run.start()
+    run.start()
     evals = builds = 0.0
     n = 0
     original = pool.evaluate_recipes
@@ -59,7 +62,7 @@ def evoray_run(zoo, generations: int, workers: int) -> dict:
     pool.evaluate_recipes = timed
     t0 = time.perf_counter()
     for _ in range(generations):
-        run.step(state)
+        run.step()
     wall = time.perf_counter() - t0
     pool.shutdown()
     busy = wall * workers
@@ -70,8 +73,8 @@ def reference_loop(zoo, generations: int) -> dict:
     """Sequential, reference-style: state-dict deep copies and load_state_dict per offspring."""
     torch.set_num_threads(1)
     tok = AutoTokenizer.from_pretrained(zoo.base)
-    tasks = TaskSpec(seed=zoo.spec.seed, n_domains=zoo.spec.n_domains, n_ood=zoo.spec.n_ood)
-    dev = tasks.splits(tok, "dev")
+    tasks = ZooTasks(seed=zoo.spec.seed, n_domains=zoo.spec.n_domains, n_ood=zoo.spec.n_ood)
+    dev = tasks.encode(tok, "dev")
     model = AutoModelForSequenceClassification.from_pretrained(zoo.base).eval()
     population = [
         AutoModelForSequenceClassification.from_pretrained(p).state_dict()

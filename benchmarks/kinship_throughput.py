@@ -32,7 +32,7 @@ from safetensors.torch import save_file
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from evoray.kinship_matrix import CHUNK_ELEMS, RELEASE_BYTES, kinship_matrix
+from evoray.kinship.matrix import CHUNK_ELEMS, RELEASE_BYTES, kinship_matrix
 
 ROOT = sys.path[0]
 
@@ -107,7 +107,7 @@ _CHILD = """
 import sys, threading, time
 sys.path.insert(0, {root!r})
 import torch
-from evoray.kinship_matrix import kinship_matrix
+from evoray.kinship.matrix import kinship_matrix
 
 def status(key):
     with open("/proc/self/status") as f:

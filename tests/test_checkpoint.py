@@ -1,4 +1,4 @@
-"""Tests for lazy checkpoint reading (evoray.checkpoint)."""
+"""Tests for lazy checkpoint reading (evoray.weights.checkpoint)."""
 
 from __future__ import annotations
 
@@ -11,9 +11,9 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-import evoray.checkpoint as ckpt_mod
-from evoray.checkpoint import Checkpoint, TensorInfo, load_model, open_checkpoint
+import evoray.weights.checkpoint as ckpt_mod
 from evoray.errors import CheckpointError, EvorayError
+from evoray.weights.checkpoint import Checkpoint, TensorInfo, load_model, open_checkpoint
 from tests.factories import make_fake_hub_cache, make_tiny_model
 
 

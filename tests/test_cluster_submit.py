@@ -29,7 +29,7 @@ import pytest
 import yaml
 
 from evoray.cli import build_parser
-from evoray.run_config import RunConfig
+from evoray.config.run_config import RunConfig
 
 ROOT = Path(__file__).resolve().parent.parent
 CLUSTERS = ROOT / "clusters"

@@ -6,7 +6,7 @@ import pytest
 import torch
 import yaml
 
-from evoray.config import (
+from evoray.config.merge_config import (
     MergeConfig,
     evaluate_setting,
     layer_index,

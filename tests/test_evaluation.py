@@ -1,4 +1,4 @@
-"""Tests for causal-LM perplexity evaluation (evoray.evaluation.encode_lm / lm_perplexity)."""
+"""Tests for causal-LM perplexity evaluation (evoray.tasks.evaluation.encode_lm / lm_perplexity)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 import torch
 from transformers import AutoTokenizer, LlamaForCausalLM
 
-from evoray.evaluation import EncodedSplit, encode_lm, lm_perplexity
+from evoray.tasks.evaluation import EncodedSplit, encode_lm, lm_perplexity
 
 TEXTS = [
     "the cat run",

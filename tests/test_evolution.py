@@ -7,8 +7,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from evoray.evolution.de import BLOCK, Recipe, build_offspring, crossover_mask, sample_recipes
-from evoray.evolution.evolver import (
+from evoray.strategies.de import BLOCK, Recipe, build_offspring, crossover_mask, sample_recipes
+from evoray.strategies.evolver import (
     EvolverSettings,
     EvolverState,
     Trial,
@@ -123,7 +123,7 @@ def test_state_round_trip_and_settings_validation():
 
 
 def greedy_state(fitness, k=2, parents=None):
-    from evoray.evolution.greedy import Candidate, GreedySettings, GreedyState
+    from evoray.strategies.greedy import Candidate, GreedySettings, GreedyState
 
     parents = parents or {}
     cands = [Candidate(i, parents.get(i, ()), fitness=f) for i, f in enumerate(fitness)]
@@ -153,12 +153,12 @@ def test_greedy_later_generations_merge_unmerged_top_pairs_and_explore():
 
 
 def test_greedy_rank_ties_and_round_trip():
-    from evoray.evolution.greedy import GreedyState
+    from evoray.strategies.greedy import GreedyState
 
     st = greedy_state([0.5, 0.5, 0.5], k=2)
     assert st.top == [0, 1]
     assert GreedyState.from_dict(st.to_dict()) == st
     with pytest.raises(ValueError):
-        from evoray.evolution.greedy import GreedySettings
+        from evoray.strategies.greedy import GreedySettings
 
         GreedySettings(operator="dare")

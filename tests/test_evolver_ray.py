@@ -10,25 +10,27 @@ import pytest
 import ray
 import torch
 
-from evoray.checkpoint import open_checkpoint
-from evoray.evolution.de import Recipe, build_offspring
-from evoray.evolution.evolver import EvolverSettings, EvolverState
-from evoray.execution.evolver_run import EvolverRun
 from evoray.execution.pool import WorkerPool
-from evoray.execution.search_run import RunInputs
-from evoray.execution.worker import OffspringWorker, TaskSpec, WorkerSpec
-from evoray.layout import Layout
-from evoray.weight_space import flatten
+from evoray.execution.population import RunInputs
+from evoray.execution.search_run import SearchRun
+from evoray.execution.worker import OffspringWorker, WorkerSpec
+from evoray.models.pool import ModelPool
+from evoray.strategies.base import Problem
+from evoray.strategies.de import Recipe, build_offspring
+from evoray.strategies.evolver import Evolver, EvolverSettings, EvolverState
+from evoray.tasks.pool import ZooTasks
+from evoray.weights.checkpoint import open_checkpoint
+from evoray.weights.flat import flatten
+from evoray.weights.layout import Layout
 
 
 def inputs_for(zoo) -> tuple[RunInputs, WorkerSpec]:
     members = tuple(str(p) for p in zoo.experts.values())
     with open_checkpoint(members[0]) as c:
         layout = Layout.from_checkpoint(c)
-    tasks = TaskSpec(seed=zoo.spec.seed, n_domains=zoo.spec.n_domains, n_ood=zoo.spec.n_ood)
-    inputs = RunInputs(
-        members=members, base=str(zoo.base), tasks=tasks, member_tasks=tuple(zoo.experts)
-    )
+    tasks = ZooTasks(seed=zoo.spec.seed, n_domains=zoo.spec.n_domains, n_ood=zoo.spec.n_ood)
+    models = ModelPool(members, base=str(zoo.base), member_tasks=tuple(zoo.experts))
+    inputs = RunInputs(models, tasks=tasks)
     return inputs, WorkerSpec(members[0], layout, tasks, torch_threads=1)
 
 
@@ -42,15 +44,20 @@ def pools(small_zoo, ray_local):
         p.shutdown()
 
 
+def evolver_run(settings: EvolverSettings, inputs: RunInputs, pool, **kw) -> SearchRun:
+    problem = Problem(n_members=len(inputs.members), has_base=inputs.base is not None)
+    return SearchRun(Evolver(settings, problem), inputs, pool, **kw)
+
+
 def run(zoo, pools, settings: EvolverSettings, workers: int, generations: int, state=None):
     inputs, _ = inputs_for(zoo)
-    r = EvolverRun(settings, inputs, pools[workers])
-    state = r.start(state)
+    r = evolver_run(settings, inputs, pools[workers])
+    r.start(None if state is None else state.to_dict())
     for _ in range(generations):
-        r.step(state)
+        r.step()
     final = [np.array(ray.get(ref)) for ref in r.refs]
     merged = None if r.merged_ref is None else np.array(ray.get(r.merged_ref))
-    return state, final, merged
+    return r.strategy.state, final, merged
 
 
 def test_individual_mode_deterministic_across_worker_counts(small_zoo, pools):
@@ -74,7 +81,11 @@ def test_individual_mode_deterministic_across_worker_counts(small_zoo, pools):
     for x, y in zip(current, pop_a, strict=True):
         assert torch.equal(x, torch.from_numpy(y))
     # Selection is strict and fitness only ever rises per individual.
-    assert all(f >= 0 for f in a.fitness)
+    start = run(small_zoo, pools, s, workers=1, generations=0)[0]
+    assert len(start.fitness) == len(a.fitness)
+    assert all(f >= f0 for f, f0 in zip(a.fitness, start.fitness, strict=True))
+    accepted = {d["target"] for g in a.accepted for d in g}
+    assert all(a.fitness[i] > start.fitness[i] for i in accepted)
 
 
 def test_resume_matches_uninterrupted_run(small_zoo, pools):
@@ -91,11 +102,12 @@ def test_resume_matches_uninterrupted_run(small_zoo, pools):
 def test_merger_mode_improves_monotonically_and_stays_consistent(small_zoo, pools, merger):
     s = EvolverSettings(generations=2, seed=3, merger=merger)
     inputs, _ = inputs_for(small_zoo)
-    r = EvolverRun(s, inputs, pools[2])
-    state = r.start()
+    r = evolver_run(s, inputs, pools[2])
+    r.start()
+    state = r.strategy.state
     history = [state.merged_fitness]
     for _ in range(2):
-        r.step(state)
+        r.step()
         history.append(state.merged_fitness)
     assert history == sorted(history)
     # Incremental updates equal merging the final population from scratch.
@@ -133,10 +145,11 @@ def test_worker_crash_mid_generation_is_retried_and_nothing_lost(
     crashing = WorkerPool(spec, 2, num_cpus=0.25, worker_cls=crash_once_worker(marker))
     try:
         log = RunLog(tmp_path / "run", run_id="evolver", strategy="evolver")
-        r = EvolverRun(s, inputs, crashing, run_log=log)
-        state = r.start()
+        r = evolver_run(s, inputs, crashing, run_log=log)
+        r.start()
         for _ in range(2):
-            r.step(state)
+            r.step()
+        state = r.strategy.state
         final = [np.array(ray.get(ref)) for ref in r.refs]
     finally:
         crashing.shutdown()

@@ -1,4 +1,4 @@
-"""Tests for writing merged models as HF folders (evoray.export)."""
+"""Tests for writing merged models as HF folders (evoray.weights.export)."""
 
 from __future__ import annotations
 
@@ -10,9 +10,9 @@ import torch
 import yaml
 from safetensors import safe_open
 
-from evoray.checkpoint import open_checkpoint
 from evoray.errors import CheckpointError
-from evoray.export import ModelFolderWriter
+from evoray.weights.checkpoint import open_checkpoint
+from evoray.weights.export import ModelFolderWriter
 from tests.factories import make_tokenizer, sample_ids
 
 RECIPE = "merge_method: linear\nmodels:\n  - model: a\n  - model: b\n"

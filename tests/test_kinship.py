@@ -10,13 +10,13 @@ import numpy as np
 import pytest
 import torch
 
-from evoray import checkpoint as checkpoint_mod
-from evoray.checkpoint import open_checkpoint
-from evoray.config import layer_index
+from evoray.config.merge_config import layer_index
 from evoray.errors import EvorayError, LayoutError
-from evoray.kinship import kinship_flat
-from evoray.kinship_cli import add_kinship_parser
-from evoray.kinship_matrix import GramSums, KinshipResult, heatmap, kinship_matrix, layer_group
+from evoray.kinship.cli import add_kinship_parser
+from evoray.kinship.matrix import GramSums, KinshipResult, heatmap, kinship_matrix, layer_group
+from evoray.kinship.metrics import kinship_flat
+from evoray.weights import checkpoint as checkpoint_mod
+from evoray.weights.checkpoint import open_checkpoint
 from tests.factories import make_tiny_model
 
 METRICS = ("pearson", "cosine", "euclidean")
@@ -73,7 +73,7 @@ def test_matrix_matches_numpy_over_flat_deltas(tiny_base, models):
     for m, expected in reference(d).items():
         np.testing.assert_allclose(res.matrix(m), expected, rtol=1e-6, atol=1e-8, err_msg=m)
     np.testing.assert_allclose(res.delta_norms, np.linalg.norm(d, axis=1), rtol=1e-6)
-    # The two-model path (evoray.kinship) agrees pair by pair.
+    # The two-model path (evoray.kinship.metrics) agrees pair by pair.
     x, y = torch.from_numpy(d[0]), torch.from_numpy(d[3])
     pair = kinship_flat(x, y, torch.zeros_like(x))
     for m in METRICS:

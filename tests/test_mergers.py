@@ -12,14 +12,14 @@ import pytest
 import torch
 
 from evoray.errors import ConfigError
-from evoray.layout import Layout
-from evoray.mergers import (
+from evoray.population.mergers import (
     AverageMerger,
     FisherMerger,
     Merger,
     RegMeanMerger,
     make_merger,
 )
+from evoray.weights.layout import Layout
 
 
 @dataclass
@@ -136,7 +136,7 @@ def test_regmean_dead_input_dimension_is_averaged_not_nan(caplog) -> None:
     avg = (pop[0][:4] + pop[1][:4]).view(2, 2) / 2
     assert torch.allclose(merged[:4].view(2, 2)[:, 1], avg[:, 1], atol=1e-5)
     zero = [{"lin.weight": torch.zeros(2, 2)}] * 2
-    with caplog.at_level(logging.WARNING, logger="evoray.mergers"):
+    with caplog.at_level(logging.WARNING, logger="evoray.population.mergers"):
         merged = RegMeanMerger(layout, zero).merge(pop)
     assert torch.allclose(merged, (pop[0] + pop[1]) / 2)
     assert "averaging" in caplog.text
@@ -256,7 +256,7 @@ def test_make_merger() -> None:
 
 @pytest.fixture(scope="module")
 def small_zoo(tmp_path_factory: pytest.TempPathFactory):
-    from evoray.zoo import ZooSpec, build_zoo
+    from evoray.models.zoo import ZooSpec, build_zoo
 
     spec = ZooSpec(
         hidden_size=32, pretrain_steps=30, finetune_epochs=2, general_epochs=1, n_domains=2
@@ -267,10 +267,10 @@ def small_zoo(tmp_path_factory: pytest.TempPathFactory):
 def test_zoo_experts_merge_load_and_score(small_zoo, tmp_path: Path) -> None:
     from transformers import AutoTokenizer, BertForSequenceClassification
 
-    from evoray.checkpoint import open_checkpoint
-    from evoray.evaluation import classification_scores, encode
-    from evoray.statistics import cached_statistics, fisher_diagonal, regmean_grams
-    from evoray.weight_space import flatten
+    from evoray.population.statistics import cached_statistics, fisher_diagonal, regmean_grams
+    from evoray.tasks.evaluation import classification_scores, encode
+    from evoray.weights.checkpoint import open_checkpoint
+    from evoray.weights.flat import flatten
 
     names = list(small_zoo.experts)
     tokenizer = AutoTokenizer.from_pretrained(small_zoo.tokenizer_path)

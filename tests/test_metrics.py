@@ -1,4 +1,4 @@
-"""Tests for the offline metrics (evoray.metrics) against values computed by hand."""
+"""Tests for the offline metrics (evoray.tasks.metrics) against values computed by hand."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from evoray.metrics import accuracy, macro_f1, multilabel_f1, perplexity
+from evoray.tasks.metrics import accuracy, macro_f1, multilabel_f1, perplexity
 
 
 def test_accuracy() -> None:

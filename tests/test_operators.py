@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from evoray.errors import ConfigError
@@ -431,7 +431,9 @@ def test_slerp_preserves_norm_of_orthogonal_unit_vectors(numel, seed):
 @given(tensors_st(n_models=1), st.integers(2, 5), st.booleans())
 def test_model_stock_identical_finetunes(data, n, filter_wise):
     base, (ft,) = data
-    # identical offsets: cos = 1 -> t = N / (1 + N - 1) = 1 -> the fine-tune itself
+    # identical offsets: cos = 1 -> t = N / (1 + N - 1) = 1 -> the fine-tune itself; offsets
+    # whose norm product is under the 1e-6 clamp (as in mergekit) have cos < 1 by design
+    assume(float((ft - base).float().norm()) ** 2 >= 1e-5)
     close(model_stock(base, [ft.clone() for _ in range(n)], filter_wise=filter_wise), ft, atol=1e-5)
 
 

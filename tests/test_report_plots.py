@@ -1,4 +1,4 @@
-"""Tests for ``evoray report`` (evoray.report_plots) on small synthetic run directories."""
+"""Tests for ``evoray report`` (evoray.report) on small synthetic run directories."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from evoray.errors import EvorayError
-from evoray.report_plots import (
+from evoray.report import (
     PLOTS,
     SUMMARY,
     ReportError,
@@ -32,7 +32,10 @@ RECIPE_YAML = (
 
 
 def _row(individual: int, fitness: float, accepted: bool, **kw: Any) -> dict[str, Any]:
+    # the strategy's per-row settings (F, CR, ...) go in the log's settings map
+    settings = {**kw.pop("settings", {}), **{k: kw.pop(k) for k in ("F", "CR") if k in kw}}
     return {
+        "settings": settings,
         "individual": individual,
         "parents": kw.pop("parents", [individual]),
         "operator": kw.pop("operator", "evolver+binomial"),
@@ -99,7 +102,7 @@ def run_dir(tmp_path: Path) -> Path:
     (ev / "model").mkdir()
 
     fi = runs / "aaa_00001"  # merger mode: starts from the initial merge at 0.75
-    op = {"operator": "evolver+binomial|fisher", **f}
+    op = {"operator": "evolver+binomial", "settings": {"merger": "fisher"}, **f}
     _write_log(
         fi,
         "evolver",
@@ -113,7 +116,11 @@ def run_dir(tmp_path: Path) -> Path:
     _put(fi, "summary.json", _summary("evolver", settings, 2, 0.77, 7))
 
     rs = runs / "bbb_00000"
-    rop = {"operator": "task_arithmetic|cmaes", "parents": [0, 1]}
+    rop = {
+        "operator": "task_arithmetic",
+        "settings": {"method": "task_arithmetic", "sampler": "cmaes"},
+        "parents": [0, 1],
+    }
     _write_log(
         rs,
         "recipe_search",
@@ -129,7 +136,7 @@ def run_dir(tmp_path: Path) -> Path:
     _put(rs, "summary.json", _summary("recipe_search", settings, 3, 0.66, 6))
 
     gr = runs / "ccc_00000"  # crashed after two generations: no summary.json
-    gop = {"operator": "slerp", "parents": [0, 1]}
+    gop = {"operator": "slerp", "settings": {"operator": "slerp"}, "parents": [0, 1]}
     _write_log(
         gr,
         "kinship_greedy",
@@ -212,7 +219,7 @@ def test_best_so_far_per_strategy(run_dir: Path) -> None:
 def test_best_so_far_waits_for_a_known_value(tmp_path: Path) -> None:
     """Greedy without expert fitness and nothing accepted yet: unknown, not zero."""
     trial = tmp_path / "run" / "runs" / "t0"
-    gop = {"operator": "slerp", "parents": [0, 1]}
+    gop = {"operator": "slerp", "settings": {"operator": "slerp"}, "parents": [0, 1]}
     _write_log(trial, "kinship_greedy", [[_row(3, 0.4, False, **gop)], [_row(4, 0.6, True, **gop)]])
     (run,) = load_run_dir(tmp_path / "run").runs
     best = generation_table(run)["best_so_far"]

@@ -10,8 +10,8 @@ import torch
 import yaml
 from transformers import AutoModelForSequenceClassification
 
+from evoray.config.run_config import RunConfig
 from evoray.errors import ConfigError
-from evoray.run_config import RunConfig
 from evoray.runlog import read_log
 from tests.conftest import SMALL_ZOO
 
@@ -28,7 +28,7 @@ def small_config(tmp_path, zoo_root, **evolver) -> dict:
 
 def test_search_run_writes_log_model_and_table(tmp_path, small_zoo, ray_local):
     from evoray.execution.tune_runner import prepare, run_search
-    from evoray.report import run_table
+    from evoray.report.results import run_table
 
     data = small_config(tmp_path, small_zoo.root.parent, merger="average")
     config = RunConfig.from_dict(data, source="t.yml")
@@ -46,7 +46,7 @@ def test_search_run_writes_log_model_and_table(tmp_path, small_zoo, ray_local):
     assert summary["generations"] == 2 and summary["settings"]["merger"] == "average"
     assert set(summary["test"]) == {"test", "ood"}
     assert summary["initial"]["merged_scores"]["test"]
-    table = run_table(shared, [summary])
+    table = run_table(shared.inputs.members, shared.inputs.tasks, [summary])
     assert "average merge (no evolution)" in table and "Evolver" in table
 
     # Restoring a finished search is a no-op that returns the same result.
@@ -141,9 +141,9 @@ def test_recipe_search_exports_a_mergekit_recipe_that_reproduces_the_model(
 ):
     from safetensors.torch import load_file
 
-    from evoray.config import MergeConfig
+    from evoray.config.merge_config import MergeConfig
     from evoray.execution.tune_runner import run_search
-    from evoray.streaming_merge import merge_to_folder
+    from evoray.merge.streaming import merge_to_folder
 
     data = small_config(tmp_path, small_zoo.root.parent)
     del data["evolver"]

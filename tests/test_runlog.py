@@ -48,7 +48,9 @@ def test_round_trip_several_generations(log: RunLog, tmp_path: Path) -> None:
     when = dt.datetime(2025, 1, 2, 3, 4, 5, 678901, tzinfo=dt.timezone.utc)
     for g in (2, 0, 1):  # commit order does not matter
         for i in (2, 0, 1):  # nor append order
-            log.append(row(i, g, F=0.5, CR=None, kinship_to_parent=0.9, timestamp=when))
+            log.append(
+                row(i, g, settings={"F": 0.5, "CR": None}, kinship_to_parent=0.9, timestamp=when)
+            )
         assert log.commit_generation(g) == gen_path(tmp_path, g)
     assert log.committed_generations() == [0, 1, 2]
     assert len(log) == 0

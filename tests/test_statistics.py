@@ -11,14 +11,14 @@ import torch
 from safetensors.torch import save_file
 
 from evoray.errors import ConfigError
-from evoray.evaluation import EncodedSplit
-from evoray.statistics import (
+from evoray.population.statistics import (
     cached_statistics,
     fisher_diagonal,
     model_fingerprint,
     regmean_grams,
     split_fingerprint,
 )
+from evoray.tasks.evaluation import EncodedSplit
 
 N_LABELS = 3
 
@@ -201,7 +201,7 @@ def test_corrupt_cache_file_is_recomputed(tmp_path: Path, caplog, damage: str) -
     (file,) = cache.glob("*.safetensors")
     data = file.read_bytes()
     file.write_bytes(b"not a safetensors file" if damage == "garbage" else data[: len(data) - 7])
-    with caplog.at_level(logging.WARNING, logger="evoray.statistics"):
+    with caplog.at_level(logging.WARNING, logger="evoray.population.statistics"):
         out = cached_statistics("regmean", model_dir, "dev", compute, cache)
     assert compute.calls == 2 and out["a"][0, 0] == 2.0
     assert "recomputing" in caplog.text

@@ -11,13 +11,13 @@ import yaml
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from evoray import checkpoint as checkpoint_mod
-from evoray.checkpoint import open_checkpoint
 from evoray.cli import main, parse_size
-from evoray.config import MergeConfig
+from evoray.config.merge_config import MergeConfig
 from evoray.errors import CheckpointError, ConfigError, LayoutError
 from evoray.merge import get_method
-from evoray.streaming_merge import merge_to_folder, plan_merge
+from evoray.merge.streaming import merge_to_folder, plan_merge
+from evoray.weights import checkpoint as checkpoint_mod
+from evoray.weights.checkpoint import open_checkpoint
 from tests.factories import make_tiny_model, sample_ids
 
 

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from evoray.errors import LayoutError
-from evoray.layout import Layout, check_same_architecture
-from evoray.weight_space import FlatWeights, flatten, task_vector, task_vectors
+from evoray.weights.flat import FlatWeights, flatten, task_vectors
+from evoray.weights.layout import Layout, check_same_architecture
 
 
 @dataclass(frozen=True)
@@ -70,7 +70,7 @@ def test_mixed_dtypes_store_as_float32():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 def test_task_vector_is_difference_in_source_dtype(dtype):
     base, ft = model(0, dtype), model(1, dtype)
-    tv = task_vector(ft, base, chunk_elems=4)  # chunks smaller than tensors
+    (tv,) = task_vectors([ft], base, chunk_elems=4)  # chunks smaller than tensors
     assert tv.as_tensor().dtype == dtype
     for name in ["emb.weight", "layers.0.w", "norm.weight"]:
         expected = (ft.tensors[name].float() - base.tensors[name].float()).to(dtype)
@@ -109,15 +109,15 @@ def test_mismatches_name_the_tensor():
     missing = model(1)
     del missing.tensors["layers.0.w"]
     with pytest.raises(LayoutError, match=r"'layers\.0\.w'.*missing from model1"):
-        task_vector(missing, base)
+        task_vectors([missing], base)
     reshaped = model(1)
     reshaped.tensors["norm.weight"] = torch.zeros(4)
     with pytest.raises(LayoutError, match=r"'norm\.weight' has shape \[4\]"):
-        task_vector(reshaped, base)
+        task_vectors([reshaped], base)
     extra = model(1)
     extra.tensors["head.weight"] = torch.zeros(2)
     with pytest.raises(LayoutError, match=r"'head\.weight' of model1 is missing from model0"):
-        task_vector(extra, base)
+        task_vectors([extra], base)
     assert base.reads == []  # failed before reading any data
 
 

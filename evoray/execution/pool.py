@@ -17,10 +17,10 @@ import ray
 import torch
 from ray.util import ActorPool
 
-from evoray.evolution.de import Recipe
-from evoray.execution.worker import OffspringWorker, WorkerSpec, _to_numpy
-from evoray.layout import Layout
-from evoray.weight_space import FlatWeights
+from evoray.execution.worker import OffspringWorker, WorkerSpec
+from evoray.strategies.de import Recipe
+from evoray.weights.flat import FlatWeights, to_numpy
+from evoray.weights.layout import Layout
 
 
 class WorkerPool:
@@ -94,5 +94,5 @@ def flat_from_ref(ref: ray.ObjectRef, layout: Layout) -> FlatWeights:
     arr = np.array(ray.get(ref))  # copy: object-store arrays are read-only
     if arr.dtype == np.float32 and layout.storage_dtype != torch.float32:
         t = torch.from_numpy(arr).to(layout.storage_dtype)
-        arr = _to_numpy(t)
+        arr = to_numpy(t)
     return FlatWeights(layout, arr)

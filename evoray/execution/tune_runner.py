@@ -1,13 +1,11 @@
 """Ray Tune drives search runs: one trial per run, one Tune iteration per generation.
 
-All strategies (Evolver, kinship-guided greedy merging, recipe search) share one trainable: a
-run object with ``start(state)``, ``step(state)``, ``final_ref(state)`` and ``test_scores``.
-
+Every registered strategy runs in the same trainable (``SearchRun``: start, step, final_ref).
 Each trial reserves its workers up front (a ``PlacementGroupFactory``: one bundle for the trial
 itself, one per worker) so trials that start actors never deadlock the cluster. A trial's
-checkpoint is its ``EvolverState`` (fitness and accepted recipes, a few KB), which is all
-``Tuner.restore`` needs to continue: the population is replayed from the initial models.
-Per-offspring rows go to the run's Parquet log, one file per generation.
+checkpoint is its strategy's state (a few KB), which is all ``Tuner.restore`` needs to
+continue: the population is replayed from the initial models. Rows go to the run's Parquet
+log, one file per generation.
 """
 
 from __future__ import annotations
@@ -22,18 +20,21 @@ from typing import Any
 import ray
 from ray import tune
 
-from evoray.evaluation import mean_score
-from evoray.evolution.evolver import EvolverState
-from evoray.execution.evolver_run import EvolverRun
+from evoray.config.merge_config import num_layers
+from evoray.config.run_config import RunConfig
 from evoray.execution.monitoring import RunMetrics
 from evoray.execution.pool import WorkerPool, flat_from_ref
-from evoray.execution.search_run import RunInputs
-from evoray.execution.worker import TaskSpec, WorkerSpec
-from evoray.layout import Layout
-from evoray.run_config import RunConfig
+from evoray.execution.population import RunInputs
+from evoray.execution.search_run import SearchRun
+from evoray.execution.worker import WorkerSpec
+from evoray.strategies import get_strategy
+from evoray.strategies.base import Problem
+from evoray.tasks.evaluation import mean_score
+from evoray.tasks.pool import make_task_pool
+from evoray.weights.layout import Layout
 
 log = logging.getLogger(__name__)
-STATE_FILE = "evolver_state.json"
+STATE_FILE = "strategy_state.json"
 
 
 @dataclass(frozen=True)
@@ -51,43 +52,25 @@ class Shared:
 
 def prepare(config: RunConfig) -> Shared:
     """Resolve models (building the zoo if asked) and the layout, once, on the driver."""
-    from evoray.checkpoint import open_checkpoint
+    from evoray.models.pool import ModelPool, zoo_pool
 
-    tasks = TaskSpec(**config.tasks) if config.tasks.get("kind", "zoo") != "zoo" else None
-    member_tasks = None
     if config.models.zoo is not None:
-        from evoray.zoo import ZooSpec, build_zoo
-
-        zoo_args = dict(config.models.zoo)
-        root = zoo_args.pop("root", None)
-        zoo = build_zoo(root, ZooSpec(**zoo_args))
-        members = tuple(str(p) for p in zoo.experts.values())
-        base = str(zoo.base)
-        member_tasks = tuple(zoo.experts)
-        tasks = TaskSpec(
-            kind="zoo", seed=zoo.spec.seed, n_domains=zoo.spec.n_domains, n_ood=zoo.spec.n_ood
-        )
+        models, tasks = zoo_pool(config.models.zoo)
     else:
-        members, base = config.models.members, config.models.base
-        tasks = tasks or TaskSpec(**config.tasks)
-    with open_checkpoint(members[0]) as first:
-        layout = Layout.from_checkpoint(first)
-    for m in [*members[1:], *([base] if base else [])]:
-        with open_checkpoint(m) as ckpt:
-            layout.check(ckpt)
+        models = ModelPool(members=tuple(config.models.members), base=config.models.base)
+        tasks = make_task_pool(config.tasks, config.source)
+    layout = models.layout()
     ex = config.execution
     run_dir = config.run_dir.resolve()
     return Shared(
         inputs=RunInputs(
-            members=tuple(members),
-            base=base,
+            models=models,
             tasks=tasks,
-            member_tasks=member_tasks,
             stats_examples=ex.stats_examples,
             cache_dir=str(run_dir / "stats-cache"),
         ),
         worker=WorkerSpec(
-            model_path=members[0],
+            model_path=models.members[0],
             layout=layout,
             tasks=tasks,
             device="cuda" if ex.gpus_per_worker > 0 else "cpu",
@@ -100,30 +83,29 @@ def prepare(config: RunConfig) -> Shared:
     )
 
 
-def _make_run(strategy: str, values: dict[str, Any], shared: Shared, pool, run_log, name):
-    """The run object and state class of a strategy (same start/step/final_ref interface)."""
-    from evoray.run_config import settings_class
-
-    settings = settings_class(strategy)(**values)
-    if strategy == "evolver":
-        return EvolverRun(settings, shared.inputs, pool, run_log=run_log, run_id=name), EvolverState
-    if strategy == "kinship_greedy":
-        from evoray.evolution.greedy import GreedyState
-        from evoray.execution.greedy_run import GreedyRun
-
-        return GreedyRun(settings, shared.inputs, pool, run_log=run_log, run_id=name), GreedyState
-    from evoray.execution.recipe_run import RecipeRun, RecipeState
-
-    return RecipeRun(settings, shared.inputs, pool, run_log=run_log, run_id=name), RecipeState
+def make_run(
+    strategy: str, values: dict[str, Any], shared: Shared, pool, run_log=None, name=None
+) -> SearchRun:
+    """A search run of the registered ``strategy`` with these settings."""
+    cls = get_strategy(strategy)
+    inputs = shared.inputs
+    problem = Problem(
+        n_members=len(inputs.members),
+        has_base=inputs.base is not None,
+        members=inputs.members,
+        base=inputs.base,
+        n_layers=num_layers(None, shared.worker.layout.names),
+    )
+    return SearchRun(
+        cls(cls.make_settings(values), problem), inputs, pool, run_log=run_log, run_id=name
+    )
 
 
 def search_trainable(config: dict[str, Any], shared: Shared) -> None:
     """One search run (any strategy) as a Tune trial: one Tune iteration per generation."""
-    from evoray.run_config import _tuples
     from evoray.runlog import RunLog
 
     strategy = config["strategy"]
-    values = _tuples(config["settings"])
     name = tune.get_context().get_trial_id() or strategy
     trial_dir = Path(shared.run_dir) / "runs" / name
     pool = WorkerPool(
@@ -133,43 +115,34 @@ def search_trainable(config: dict[str, Any], shared: Shared) -> None:
         num_gpus=shared.gpus_per_worker,
     )
     run_log = RunLog(trial_dir, run_id=name, strategy=strategy)
-    run, state_cls = _make_run(strategy, values, shared, pool, run_log, name)
+    run = make_run(strategy, config["settings"], shared, pool, run_log, name)
     live = RunMetrics(name, strategy)
     state = None
     checkpoint = tune.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as d:
-            state = state_cls.from_dict(json.loads((Path(d) / STATE_FILE).read_text()))
-    resumed = state is not None
-    state = run.start(state)
+            state = json.loads((Path(d) / STATE_FILE).read_text())
+    resumed = run.start(state)
     if not resumed:
         trial_dir.mkdir(parents=True, exist_ok=True)
-        initial: dict[str, Any] = {}
-        if strategy == "evolver":
-            initial = {"fitness": state.fitness, "merged_fitness": state.merged_fitness}
-            if run.settings.merger_mode:
-                initial["merged_scores"] = run.test_scores(run.merged_ref)
-        elif strategy == "kinship_greedy":
-            initial = {"fitness": [c.fitness for c in state.candidates]}
+        initial, builds = run.strategy.initial()
+        for key, build in builds.items():
+            initial[key] = run.test_scores(run.population.materialize(build))
         (trial_dir / "initial.json").write_text(json.dumps(initial, indent=2))
     reported = False
-    while not state.done:
-        _maybe_fail_for_test(shared, trial_dir, _generation(state))
-        metrics = run.step(state)
+    while not run.strategy.done:
+        _maybe_fail_for_test(shared, trial_dir, run.strategy.generations_done)
+        metrics = run.step()
         live.update(metrics)
-        if state.done:
-            metrics.update(_finish(run, state, trial_dir))
+        if run.strategy.done:
+            metrics.update(_finish(run, trial_dir))
         with tempfile.TemporaryDirectory() as d:
-            (Path(d) / STATE_FILE).write_text(json.dumps(state.to_dict()))
+            (Path(d) / STATE_FILE).write_text(json.dumps(run.strategy.get_state()))
             tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(d))
         reported = True
     if not reported:  # nothing to run (e.g. generations: 0), or restored after the last one
-        tune.report(_finish(run, state, trial_dir))
+        tune.report(_finish(run, trial_dir))
     pool.shutdown()
-
-
-def _generation(state) -> int:
-    return getattr(state, "generation", getattr(state, "round", 0))
 
 
 def _maybe_fail_for_test(shared: Shared, trial_dir: Path, generation: int) -> None:
@@ -181,34 +154,26 @@ def _maybe_fail_for_test(shared: Shared, trial_dir: Path, generation: int) -> No
         raise RuntimeError(f"injected failure before generation {generation}")
 
 
-def _finish(run, state, trial_dir: Path) -> dict:
+def _finish(run: SearchRun, trial_dir: Path) -> dict:
     """Test scores of the run's answer, the answer as an HF folder, and a summary."""
-    ref = run.final_ref(state)
+    strategy = run.strategy
+    ref = run.final_ref()
     scores = run.test_scores(ref)
     summary = {
-        "strategy": run.strategy,
-        "settings": asdict(run.settings),
-        "generations": _generation(state),
-        "best_dev_fitness": state.best_fitness,
-        "evaluations": _evaluations(run, state),
+        "strategy": strategy.name,
+        "settings": asdict(strategy.settings),
+        "generations": strategy.generations_done,
+        "best_dev_fitness": strategy.best_fitness,
+        "evaluations": strategy.evaluations,
         "test": scores,
     }
-    if hasattr(run, "mergekit_yaml"):
-        summary["mergekit_yaml"] = run.mergekit_yaml(state)
-        (trial_dir / "recipe.yml").write_text(summary["mergekit_yaml"])
+    recipe = strategy.mergekit_yaml()
+    if recipe is not None:
+        summary["mergekit_yaml"] = recipe
+        (trial_dir / "recipe.yml").write_text(recipe)
     save_vector(ref, run.layout, run.pool.spec.model_path, trial_dir / "model", summary)
     (trial_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     return {"test_mean": _mean(scores["test"]), "ood_mean": _mean(scores.get("ood", {}))}
-
-
-def _evaluations(run, state) -> int:
-    """Dev evaluations a run used (the budget the strategies are compared on)."""
-    if run.strategy == "evolver":
-        n = state.pop_size
-        return n * (state.generation + 1) + (1 if run.settings.merger_mode else 0)
-    if run.strategy == "kinship_greedy":
-        return len(state.candidates)
-    return len(state.trials)
 
 
 def _mean(scores: dict[str, dict[str, float]], metric: str = "accuracy") -> float | None:
@@ -217,21 +182,15 @@ def _mean(scores: dict[str, dict[str, float]], metric: str = "accuracy") -> floa
 
 def save_vector(ref, layout: Layout, like: str, out_dir: Path, summary: dict) -> Path:
     """Write a population vector as an HF folder, config and tokenizer from ``like``."""
-    from evoray.checkpoint import open_checkpoint
-    from evoray.export import ModelFolderWriter
+    from evoray.weights.export import write_flat_model
 
-    flat = flat_from_ref(ref, layout)
-    with open_checkpoint(like) as ckpt, ModelFolderWriter(out_dir, overwrite=True) as w:
-        for name in ckpt.names():
-            w.add(name, flat.tensor(name) if name in layout._by_name else ckpt.get(name))
-        w.copy_support_files(ckpt.folder, dtype=layout.storage_dtype)
-        w.write_card(
-            recipe_yaml=json.dumps(summary["settings"], indent=2),
-            base_model=None,
-            models=[],
-            method="evolver",
-        )
-        return w.commit()
+    return write_flat_model(
+        flat_from_ref(ref, layout),
+        like,
+        out_dir,
+        recipe_yaml=json.dumps(summary["settings"], indent=2),
+        method=summary["strategy"],
+    )
 
 
 def run_search(

@@ -12,43 +12,19 @@ from __future__ import annotations
 import os
 import socket
 import time
-import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import torch
 
-from evoray.evaluation import EncodedSplit, classification_scores, encode
-from evoray.evolution.de import Recipe, build_offspring
-from evoray.kinship import kinship_flat
-from evoray.layout import Layout
-from evoray.weight_space import FlatWeights
-
-
-@dataclass(frozen=True)
-class TaskSpec:
-    """Where the dev/test data comes from; rebuilt on each worker (data is small, weights not).
-
-    ``kind="zoo"``: the generated suite of ``evoray.tasks`` (seed, n_domains, n_ood).
-    """
-
-    kind: str = "zoo"
-    seed: int = 0
-    n_domains: int = 4
-    n_ood: int = 2
-    max_length: int = 64
-
-    def splits(self, tokenizer, split: str, *, ood: bool = False) -> dict[str, EncodedSplit]:
-        if self.kind != "zoo":
-            raise ValueError(f"unknown task kind {self.kind!r}; supported: zoo")
-        from evoray.tasks import make_suite
-
-        suite = make_suite(self.seed, self.n_domains, self.n_ood)
-        names = suite.ood_names if ood else suite.domain_names
-        return {
-            n: encode(tokenizer, suite.dataset(n)[split], max_length=self.max_length) for n in names
-        }
+from evoray.kinship.metrics import kinship_flat
+from evoray.models.pool import load_model
+from evoray.strategies.de import Recipe, build_offspring
+from evoray.tasks.evaluation import EncodedSplit, mean_score
+from evoray.tasks.pool import TaskPool, ZooTasks
+from evoray.weights.flat import FlatWeights, from_numpy, to_numpy
+from evoray.weights.layout import Layout
 
 
 @dataclass(frozen=True)
@@ -57,7 +33,7 @@ class WorkerSpec:
 
     model_path: str  # any population member's folder: architecture, config, tokenizer
     layout: Layout
-    tasks: TaskSpec = field(default_factory=TaskSpec)
+    tasks: TaskPool = field(default_factory=ZooTasks)
     device: str = "cpu"
     metric: str = "accuracy"
     batch_size: int = 512
@@ -83,33 +59,21 @@ def bind_parameters(
         target.data = view
 
 
-def fitness_of(scores: dict[str, dict[str, float]], metric: str) -> float:
-    """Mean of one metric over the dev tasks: what selection maximises."""
-    return float(np.mean([s[metric] for s in scores.values()]))
-
-
 class OffspringWorker:
     """Holds one model whose weights are rebuilt per recipe; evaluates on the dev tasks."""
 
     def __init__(self, spec: WorkerSpec) -> None:
-        from transformers import AutoModelForSequenceClassification, AutoTokenizer
-        from transformers.utils import logging as hf_logging
-
-        hf_logging.disable_progress_bar()
         if spec.torch_threads:
             torch.set_num_threads(spec.torch_threads)
         self.spec = spec
         self.device = torch.device(spec.device)
         layout = spec.layout
-        model = AutoModelForSequenceClassification.from_pretrained(
-            spec.model_path, dtype=layout.storage_dtype
-        )
+        model, tok = load_model(spec.model_path, dtype=layout.storage_dtype)
         self.buffer = torch.empty(layout.numel, dtype=layout.storage_dtype, device=self.device)
         self.model = model.to(self.device).eval()
         bind_parameters(self.model, self.buffer, layout)
-        tok = AutoTokenizer.from_pretrained(spec.model_path)
-        self.dev = {n: s.to(self.device) for n, s in spec.tasks.splits(tok, "dev").items()}
         self._tokenizer = tok
+        self.dev = self._split("dev")
         self.population: list[torch.Tensor] = []
         self.merged: torch.Tensor | None = None
         self.merger: Any = None
@@ -122,7 +86,7 @@ class OffspringWorker:
 
     def set_population(self, *arrays: np.ndarray) -> None:
         """Adopt a population; arrays are read-only zero-copy views of the object store."""
-        self.population = [_as_tensor(a) for a in arrays]
+        self.population = [from_numpy(a) for a in arrays]
 
     def use_context(self, context: dict[str, Any]) -> None:
         """Adopt the run's shared objects, given as object refs (``base``, ``merged``,
@@ -137,7 +101,7 @@ class OffspringWorker:
                 continue
             if self._context.get(key) != ref.hex():
                 value = ray.get(ref)
-                setattr(self, key, value if key == "merger" else _as_tensor(value))
+                setattr(self, key, value if key == "merger" else from_numpy(value))
                 self._context[key] = ref.hex()
 
     # -- work ----------------------------------------------------------------------------------
@@ -166,7 +130,7 @@ class OffspringWorker:
         return {
             "recipe": recipe.to_dict(),
             "scores": scores,
-            "fitness": fitness_of(scores, self.spec.metric),
+            "fitness": mean_score(scores, self.spec.metric),
             "build_time_s": t1 - t0,
             "eval_time_s": t2 - t1,
             "kinship_to_parent": kin,
@@ -186,11 +150,11 @@ class OffspringWorker:
     def evaluate_vector(self, flat: np.ndarray, split: str = "dev") -> dict[str, Any]:
         """Score a given flat vector (an initial individual, or the merged model)."""
         t0 = time.perf_counter()
-        self.buffer.copy_(_as_tensor(flat))
+        self.buffer.copy_(from_numpy(flat))
         scores = self.scores(split)
         return {
             "scores": scores,
-            "fitness": fitness_of(scores, self.spec.metric),
+            "fitness": mean_score(scores, self.spec.metric),
             "eval_time_s": time.perf_counter() - t0,
             "node": self.node,
             "device": str(self.device),
@@ -198,42 +162,37 @@ class OffspringWorker:
 
     def scores(self, split: str = "dev") -> dict[str, dict[str, float]]:
         data = self.dev if split == "dev" else self._split(split)
-        return {
-            name: classification_scores(self.model, s, batch_size=self.spec.batch_size)
-            for name, s in data.items()
-        }
+        return self.spec.tasks.evaluate(self.model, data, batch_size=self.spec.batch_size)
 
     def _split(self, split: str) -> dict[str, EncodedSplit]:
-        ood = split.startswith("ood-")
-        base = split.removeprefix("ood-")
-        data = self.spec.tasks.splits(self._tokenizer, base, ood=ood)
+        data = self.spec.tasks.encode(self._tokenizer, split)
         return {n: s.to(self.device) for n, s in data.items()}
 
     # -- population updates, run here so no extra processes start and no weights reach the driver
 
     def load(self, path: str, allow_pickle: bool = False) -> np.ndarray:
         """One checkpoint as a flat vector (returned into the object store)."""
-        from evoray.checkpoint import open_checkpoint
-        from evoray.weight_space import flatten
+        from evoray.weights.checkpoint import open_checkpoint
+        from evoray.weights.flat import flatten
 
         with open_checkpoint(path, allow_pickle=allow_pickle) as ckpt:
             return flatten(ckpt, self.spec.layout).data
 
     def build(self, recipe: dict, *population: np.ndarray) -> np.ndarray:
         """An accepted offspring, rebuilt from the population it was bred from."""
-        pop = [_as_tensor(a) for a in population]
-        return _to_numpy(build_offspring(Recipe.from_dict(recipe), pop))
+        pop = [from_numpy(a) for a in population]
+        return to_numpy(build_offspring(Recipe.from_dict(recipe), pop))
 
     def merge(self, merger: Any, *population: np.ndarray) -> np.ndarray:
         """The merged model of a population, as a float32 flat vector."""
-        return merger.merge([_as_tensor(a) for a in population]).float().numpy()
+        return merger.merge([from_numpy(a) for a in population]).float().numpy()
 
     def update_merged(
         self, merger: Any, merged: np.ndarray, recipes: list[dict], *population: np.ndarray
     ) -> np.ndarray:
         """``merged + sum_i A_i (u_i - theta_i)`` over accepted recipes (linear per individual)."""
-        pop = [_as_tensor(a) for a in population]
-        out = _as_tensor(merged).to(torch.float32, copy=True)
+        pop = [from_numpy(a) for a in population]
+        out = from_numpy(merged).to(torch.float32, copy=True)
         for d in recipes:
             r = Recipe.from_dict(d)
             u = build_offspring(r, pop)
@@ -252,7 +211,7 @@ class OffspringWorker:
     ) -> np.ndarray:
         """Merge flat vectors with a registered method; the result goes to the object store."""
         self._merge_into_buffer(method, model_settings, settings, base, members)
-        return _to_numpy(self.buffer)
+        return to_numpy(self.buffer)
 
     def merge_and_evaluate(
         self,
@@ -269,7 +228,7 @@ class OffspringWorker:
         scores = self.scores()
         return {
             "scores": scores,
-            "fitness": fitness_of(scores, self.spec.metric),
+            "fitness": mean_score(scores, self.spec.metric),
             "build_time_s": t1 - t0,
             "eval_time_s": time.perf_counter() - t1,
             "node": self.node,
@@ -277,15 +236,15 @@ class OffspringWorker:
         }
 
     def _merge_into_buffer(self, method, model_settings, settings, base, members) -> None:
-        from evoray.config import num_layers
+        from evoray.config.merge_config import num_layers
         from evoray.merge.flat import merge_flat
 
         layout = self.spec.layout
         merged = merge_flat(
             method,
             layout,
-            [_as_tensor(m) for m in members],
-            None if base is None else _as_tensor(base),
+            [from_numpy(m) for m in members],
+            None if base is None else from_numpy(base),
             model_settings,
             settings,
             n_layers=num_layers(self.model.config.to_dict(), layout.names),
@@ -295,7 +254,7 @@ class OffspringWorker:
 
     def kinship(self, base: np.ndarray, a: np.ndarray, b: np.ndarray) -> dict[str, float]:
         """Kinship (Pearson, cosine, Euclidean) of two vectors' deltas from the base."""
-        return kinship_flat(_as_tensor(a), _as_tensor(b), _as_tensor(base)).as_dict()
+        return kinship_flat(from_numpy(a), from_numpy(b), from_numpy(base)).as_dict()
 
     def ping(self) -> dict[str, Any]:
         return {"node": self.node, "pid": self.pid, "device": str(self.device)}
@@ -309,17 +268,3 @@ def _node_name() -> str:
     if ray.is_initialized():
         return f"{host}/{ray.get_runtime_context().get_node_id()[:8]}"
     return host
-
-
-def _to_numpy(t: torch.Tensor) -> np.ndarray:
-    """Storage-dtype numpy array of a tensor (bfloat16 as its uint16 bit pattern)."""
-    t = t.detach().cpu().contiguous()
-    return t.view(torch.uint16).numpy() if t.dtype == torch.bfloat16 else t.numpy()
-
-
-def _as_tensor(arr: np.ndarray) -> torch.Tensor:
-    """Zero-copy torch view; uint16 arrays are bfloat16 bit patterns (see weight_space)."""
-    with warnings.catch_warnings():  # object-store arrays are read-only; we never write them
-        warnings.simplefilter("ignore", UserWarning)
-        t = torch.from_numpy(np.asarray(arr))
-    return t.view(torch.bfloat16) if t.dtype == torch.uint16 else t

@@ -28,7 +28,7 @@ def load_lm(path: str | Path):
     (missing path, pickle-only weights, custom code are clear errors, not tracebacks)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from evoray.checkpoint import load_model, resolve_model_folder
+    from evoray.weights.checkpoint import load_model, resolve_model_folder
 
     folder = resolve_model_folder(path)  # once: a hub id is looked up a single time
     model = load_model(folder, model_cls=AutoModelForCausalLM)

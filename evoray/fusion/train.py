@@ -20,7 +20,6 @@ import numpy as np
 import pyarrow.parquet as pq
 import torch
 
-from evoray.export import replace_folder
 from evoray.fusion import FusionError
 from evoray.fusion.align import (
     TEACHER_POSITIONS,
@@ -45,6 +44,7 @@ from evoray.fusion.sources import (
     model_name,
 )
 from evoray.fusion.teachers import TeacherStore, write_teacher_store
+from evoray.weights.export import replace_folder
 
 METHODS = {"avg_ce": fuse_avg_ce, "min_ce": fuse_min_ce}
 CE_UNITS = ("token", "char")
@@ -150,7 +150,7 @@ def source_vocab_maps(tgt_tok, source_paths: Sequence[str | Path], fallback: str
     source: the edit-distance search is the slow part of alignment on large vocabularies)."""
     from transformers import AutoTokenizer
 
-    from evoray.checkpoint import resolve_model_folder
+    from evoray.weights.checkpoint import resolve_model_folder
 
     maps: dict[str, np.ndarray] = {}
     for i, src in enumerate(source_paths):
@@ -169,7 +169,7 @@ def teacher_part_job(
     """One part of ``build_teachers``: texts ``start:start + len(texts)`` into ``path``."""
     from transformers import AutoTokenizer
 
-    from evoray.checkpoint import resolve_model_folder
+    from evoray.weights.checkpoint import resolve_model_folder
 
     tok = AutoTokenizer.from_pretrained(str(resolve_model_folder(target_path)))
     rows = iter_fused_teachers(tok, texts, start=start, **kwargs)
@@ -198,8 +198,8 @@ def build_teachers(
     store is built once and shared by every training (and every data-parallel rank)."""
     from transformers import AutoTokenizer
 
-    from evoray.checkpoint import resolve_model_folder
     from evoray.fusion.remote import run_jobs
+    from evoray.weights.checkpoint import resolve_model_folder
 
     texts = list(texts)
     if not texts:
@@ -555,7 +555,7 @@ def clm_train(
 
 def heldout_perplexity(model_path: str | Path, texts: Sequence[str], device: str = "cpu") -> float:
     """Token perplexity of the model on ``<bos> text <eos>`` sequences (its own tokenizer)."""
-    from evoray.evaluation import EncodedSplit, lm_perplexity
+    from evoray.tasks.evaluation import EncodedSplit, lm_perplexity
 
     if not texts:
         raise FusionError("no held-out texts to score")

@@ -1,6 +1,6 @@
 """Merge methods applied to flat weight vectors, tensor by tensor, with mergekit's semantics.
 
-Search strategies keep models as flat vectors (``evoray.weight_space``), but methods such as
+Search strategies keep models as flat vectors (``evoray.weights.flat``), but methods such as
 SLERP, TIES and model stock are defined per tensor (norms, top-k and cosines are per tensor).
 ``merge_flat`` walks the layout's slots and merges each slot's views exactly as ``evoray merge``
 merges that tensor from checkpoints, including per-layer gradients and filters, so a recipe
@@ -14,9 +14,9 @@ from typing import Any
 
 import torch
 
-from evoray.config import evaluate_setting, tensor_position
-from evoray.layout import Layout
+from evoray.config.merge_config import evaluate_setting, tensor_position
 from evoray.merge.registry import get_method
+from evoray.weights.layout import Layout
 
 
 def merge_flat(

@@ -138,10 +138,6 @@ def _output(out: Tensor | None, ref: Tensor, inputs: Sequence[Tensor], method: s
     return out.view(-1)
 
 
-def _sign(x: float) -> float:
-    return 0.0 if x == 0 else math.copysign(1.0, x)
-
-
 def _flat(t: Tensor) -> Tensor:
     return t.reshape(-1)
 

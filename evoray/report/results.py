@@ -5,28 +5,24 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from evoray.evaluation import classification_scores, mean_score
-from evoray.execution.tune_runner import Shared
+from evoray.strategies import get_strategy
+from evoray.tasks.evaluation import mean_score
+from evoray.tasks.pool import TaskPool
 
 
-def member_test_scores(shared: Shared) -> dict[str, dict[str, dict[str, dict[str, float]]]]:
+def member_test_scores(
+    members: Sequence[str], tasks: TaskPool
+) -> dict[str, dict[str, dict[str, dict[str, float]]]]:
     """Test and OOD-test scores of every initial member (experts), evaluated here."""
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
-    from transformers.utils import logging as hf_logging
+    from evoray.models.pool import load_model
 
-    hf_logging.disable_progress_bar()
-    tasks = shared.inputs.tasks
-    tok = AutoTokenizer.from_pretrained(shared.inputs.members[0])
-    splits = {"test": tasks.splits(tok, "test")}
-    if tasks.n_ood:
-        splits["ood"] = tasks.splits(tok, "test", ood=True)
     out = {}
-    for path in shared.inputs.members:
-        model = AutoModelForSequenceClassification.from_pretrained(path)
-        out[path] = {
-            kind: {n: classification_scores(model, s) for n, s in data.items()}
-            for kind, data in splits.items()
-        }
+    for path in members:
+        model, tok = load_model(path)
+        splits = {"test": tasks.encode(tok, "test")}
+        if tasks.has_ood:
+            splits["ood"] = tasks.encode(tok, "ood-test")
+        out[path] = {kind: tasks.evaluate(model.eval(), data) for kind, data in splits.items()}
     return out
 
 
@@ -37,23 +33,28 @@ def _mean(scores: dict[str, dict[str, float]], metric: str = "accuracy") -> floa
 def run_label(summary: dict[str, Any]) -> str:
     """A short name for a run: strategy and the settings that tell runs apart (the same label
     as in ``evoray report``'s plots)."""
-    from evoray.report_plots import run_label as settings_label
+    from evoray.report.load import run_label as settings_label
 
     return settings_label(summary.get("strategy", "evolver"), summary["settings"])
 
 
 def run_table(
-    shared: Shared, summaries: Sequence[dict[str, Any]], *, metric: str = "accuracy"
+    members: Sequence[str],
+    tasks: TaskPool,
+    summaries: Sequence[dict[str, Any]],
+    *,
+    metric: str = "accuracy",
 ) -> str:
     """Markdown table: experts, one-shot merges (generation 0) and every run's final answer."""
     rows: list[tuple[str, dict, dict]] = []
-    for path, s in member_test_scores(shared).items():
+    for path, s in member_test_scores(members, tasks).items():
         rows.append((f"expert {path.rstrip('/').split('/')[-1]}", s["test"], s.get("ood", {})))
     for s in summaries:
-        init = s.get("initial", {}).get("merged_scores")
-        if init:
-            merger = s["settings"]["merger"]
-            rows.append((f"{merger} merge (no evolution)", init["test"], init.get("ood", {})))
+        baselines = get_strategy(s.get("strategy", "evolver")).baselines(s["settings"])
+        for key, label in baselines.items():
+            init = s.get("initial", {}).get(key)
+            if init:
+                rows.append((label, init["test"], init.get("ood", {})))
     for s in summaries:
         rows.append((run_label(s), s["test"]["test"], s["test"].get("ood", {})))
     tasks = list(rows[0][1]) if rows else []

@@ -34,11 +34,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from evoray.checkpoint import Checkpoint, open_checkpoint
-from evoray.config import layer_index, tensor_position
+from evoray.config.merge_config import layer_index, tensor_position
 from evoray.errors import EvorayError, ray_get
-from evoray.kinship import KinshipSums
-from evoray.layout import Layout
+from evoray.kinship.metrics import KinshipSums
+from evoray.weights.checkpoint import Checkpoint, open_checkpoint
+from evoray.weights.layout import Layout
 
 __all__ = [
     "METRICS",
@@ -87,7 +87,7 @@ class GramSums:
         return GramSums(self.n + other.n, self.sums + other.sums, self.gram + other.gram)
 
     def pair(self, i: int, j: int) -> KinshipSums:
-        """The two-model sums of models ``i`` and ``j`` (``evoray.kinship.KinshipSums``)."""
+        """The two-model sums of models ``i`` and ``j`` (``evoray.kinship.metrics.KinshipSums``)."""
         g, s = self.gram, self.sums
         return KinshipSums(self.n, s[i], s[j], g[i, i], g[j, j], g[i, j])
 
@@ -127,7 +127,7 @@ class GramSums:
 def layer_group(name: str) -> str:
     """Per-layer group of a tensor: ``layers.<i>`` for transformer block ``i``, else
     ``embeddings`` (token/position embeddings, before the blocks) or ``head`` (everything after
-    the blocks: final norm, LM head, pooler), as ``evoray.config`` places tensors for gradients."""
+    the blocks: final norm, LM head, pooler), as merge configs place tensors for gradients."""
     idx = layer_index(name)
     if idx is not None:
         return f"layers.{idx}"

@@ -13,26 +13,14 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from evoray.config import check_keys, read_yaml, unknown_key
+from evoray.config.merge_config import check_keys, read_yaml, unknown_key
 from evoray.errors import ConfigError
-from evoray.evolution.evolver import EvolverSettings
-from evoray.evolution.greedy import GreedySettings
+from evoray.strategies import get_strategy
+from evoray.strategies import names as strategy_names
 
-# strategy name -> its settings dataclass; the config section of the same name holds them.
-STRATEGIES: dict[str, type] = {
-    "evolver": EvolverSettings,
-    "kinship_greedy": GreedySettings,
-    "recipe_search": None,  # filled lazily (imports optuna)
-}
+# Each registered strategy's settings live in the config section of the same name.
+STRATEGIES = strategy_names()
 TOP_KEYS = ("strategy", "models", "tasks", *STRATEGIES, "search", "execution", "output")
-
-
-def settings_class(strategy: str) -> type:
-    if strategy == "recipe_search":
-        from evoray.execution.recipe_run import RecipeSettings
-
-        return RecipeSettings
-    return STRATEGIES[strategy]
 
 
 @dataclass(frozen=True)
@@ -103,7 +91,8 @@ class RunConfig:
             base=models.get("base"),
             members=tuple(models.get("members") or ()),
         )
-        cls_ = settings_class(strategy)
+        strat = get_strategy(strategy)
+        cls_ = strat.settings_cls
         own = _section(data, strategy, source)
         names = [f.name for f in fields(cls_)]
         check_keys(own, names, source, f"{strategy}.")
@@ -117,10 +106,10 @@ class RunConfig:
                 raise ConfigError(f"{source}: search.grid.{key}: expected a non-empty list")
         optuna = search.get("optuna")
         if optuna is not None:
-            _check_optuna(optuna, source)
+            _check_optuna(optuna, strat.searchable, source)
         for combo in _grid(grid) or [{}]:
             try:
-                cls_(**_tuples({**own, **combo}))
+                strat.make_settings({**own, **combo})
             except (TypeError, ValueError) as exc:
                 raise ConfigError(f"{source}: {strategy}: {exc}") from None
         execution = _section(data, "execution", source)
@@ -146,15 +135,10 @@ class RunConfig:
 
     def make_settings(self, values: dict[str, Any]) -> Any:
         """The strategy's settings object from a trial's values."""
-        return settings_class(self.strategy)(**_tuples(values))
+        return get_strategy(self.strategy).make_settings(values)
 
 
-def _tuples(values: dict[str, Any]) -> dict[str, Any]:
-    """YAML lists -> tuples for range settings (e.g. recipe_search.weight_range)."""
-    return {k: tuple(v) if k.endswith("_range") else v for k, v in values.items()}
-
-
-def _check_optuna(optuna: Any, source: str) -> None:
+def _check_optuna(optuna: Any, searchable: tuple[str, ...], source: str) -> None:
     """``search.optuna``: {num_samples, seed, space: {setting: [low, high]}} (uniform ranges)."""
     if not isinstance(optuna, Mapping):
         raise ConfigError(f"{source}: search.optuna: expected a mapping")
@@ -166,10 +150,10 @@ def _check_optuna(optuna: Any, source: str) -> None:
     if not isinstance(space, Mapping) or not space:
         raise ConfigError(f"{source}: search.optuna.space: map settings to [low, high] ranges")
     for key, rng in space.items():
-        if key not in ("F", "CR", "regmean_alpha", "t", "weight", "density"):
+        if key not in searchable:
             raise ConfigError(
                 f"{source}: search.optuna.space.{key}: only numeric settings are searched "
-                "(F, CR, regmean_alpha; t, weight, density)"
+                f"({', '.join(searchable)})"
             )
         ok = isinstance(rng, list) and len(rng) == 2
         if not ok or not all(isinstance(v, int | float) for v in rng) or rng[0] >= rng[1]:

@@ -18,12 +18,12 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from evoray.checkpoint import Checkpoint, open_checkpoint
-from evoray.config import MergeConfig, num_layers, tensor_position
+from evoray.config.merge_config import MergeConfig, num_layers, tensor_position
 from evoray.errors import CheckpointError, ConfigError
-from evoray.export import ModelFolderWriter
-from evoray.layout import Layout, check_same_architecture
 from evoray.merge import MergeMethod, get_method
+from evoray.weights.checkpoint import Checkpoint, open_checkpoint
+from evoray.weights.export import ModelFolderWriter
+from evoray.weights.layout import Layout, check_same_architecture
 
 log = logging.getLogger(__name__)
 DEFAULT_SHARD_BYTES = 5 * 2**30

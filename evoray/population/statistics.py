@@ -28,7 +28,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from evoray.errors import ConfigError, EvorayError
-from evoray.evaluation import EncodedSplit
+from evoray.tasks.evaluation import EncodedSplit
 
 log = logging.getLogger(__name__)
 

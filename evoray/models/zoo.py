@@ -2,9 +2,9 @@
 
 Tests, the demo and new users need real checkpoints to merge without a model hub. ``build_zoo``
 makes them deterministically from a seed: a word-level tokenizer over the generated vocabulary
-(``evoray.tasks``), a small BERT pretrained with masked-LM on text from every domain (the shared
-base, as a public pretrained model would be), and one expert per domain fine-tuned from it for
-sequence classification. Everything is saved as ordinary HF folders (safetensors) under one
+(``evoray.tasks.suite``), a small BERT pretrained with masked-LM on text from every domain (the
+shared base, as a public pretrained model would be), and one expert per domain fine-tuned from
+it for sequence classification. Everything is saved as ordinary HF folders (safetensors) under one
 root with a ``zoo.json`` manifest; a second call with the same settings reuses them.
 """
 
@@ -30,8 +30,8 @@ from transformers import (
 )
 from transformers.utils import logging as hf_logging
 
-from evoray.evaluation import classification_scores, encode
-from evoray.tasks import GENERAL, LABELS, SPECIAL_TOKENS, TaskSuite, make_suite
+from evoray.tasks.evaluation import classification_scores, encode
+from evoray.tasks.suite import GENERAL, LABELS, SPECIAL_TOKENS, TaskSuite, make_suite
 
 log = logging.getLogger(__name__)
 ZOO_VERSION = 1

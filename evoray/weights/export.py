@@ -20,8 +20,8 @@ import torch
 import yaml
 from safetensors.torch import save_file
 
-from evoray.checkpoint import read_config
 from evoray.errors import CheckpointError
+from evoray.weights.checkpoint import read_config
 
 __all__ = ["MODEL_FILES", "TOKENIZER_FILES", "ModelFolderWriter"]
 
@@ -344,6 +344,20 @@ class ModelFolderWriter:
     def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
         if not self._done:
             self.abort()
+
+
+def write_flat_model(flat: Any, like: str, out_dir: Path, *, recipe_yaml: str, method: str) -> Path:
+    """Write a flat weight vector (``FlatWeights``) as an HF folder: tensors in the layout from
+    ``flat``, every other tensor, the config and tokenizer from checkpoint ``like``."""
+    from evoray.weights.checkpoint import open_checkpoint
+
+    layout = flat.layout
+    with open_checkpoint(like) as ckpt, ModelFolderWriter(out_dir, overwrite=True) as w:
+        for name in ckpt.names():
+            w.add(name, flat.tensor(name) if name in layout else ckpt.get(name))
+        w.copy_support_files(ckpt.folder, dtype=layout.storage_dtype)
+        w.write_card(recipe_yaml=recipe_yaml, base_model=None, models=[], method=method)
+        return w.commit()
 
 
 def _is_hub_id(text: str) -> bool:

@@ -12,6 +12,7 @@ memory stays at one model in its own precision plus one float32 chunk.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
@@ -20,7 +21,7 @@ import numpy as np
 import torch
 
 from evoray.errors import LayoutError
-from evoray.layout import Layout, TensorSource
+from evoray.weights.layout import Layout, TensorSource
 
 CHUNK_ELEMS = 1 << 22  # 16 MiB of float32 per operand
 
@@ -37,6 +38,21 @@ def _numpy_dtype(dtype: torch.dtype) -> type:
         return _NUMPY_STORAGE[dtype]
     except KeyError:
         raise LayoutError(f"unsupported storage dtype {dtype} for the weight space") from None
+
+
+def to_numpy(t: torch.Tensor) -> np.ndarray:
+    """Storage-dtype numpy array of a tensor (bfloat16 as its uint16 bit pattern)."""
+    t = t.detach().cpu().contiguous()
+    return t.view(torch.uint16).numpy() if t.dtype == torch.bfloat16 else t.numpy()
+
+
+def from_numpy(arr: np.ndarray) -> torch.Tensor:
+    """Zero-copy torch view of a stored vector; uint16 arrays are bfloat16 bit patterns.
+    Object-store arrays are read-only; callers never write to them."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        t = torch.from_numpy(np.asarray(arr))
+    return t.view(torch.bfloat16) if t.dtype == torch.uint16 else t
 
 
 class TensorReader(TensorSource, Protocol):
@@ -128,14 +144,3 @@ def task_vectors(
                 dst[start:stop].copy_(buf)
             del f
     return outs
-
-
-def task_vector(
-    finetuned: TensorReader,
-    base: TensorReader,
-    layout: Layout | None = None,
-    *,
-    chunk_elems: int = CHUNK_ELEMS,
-) -> FlatWeights:
-    """Task vector of one fine-tuned model (see ``task_vectors``)."""
-    return task_vectors([finetuned], base, layout, chunk_elems=chunk_elems)[0]

@@ -10,7 +10,6 @@ the chunk size beyond rounding.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
@@ -72,14 +71,6 @@ class KinshipSums:
 
     def as_dict(self) -> dict[str, float]:
         return {"pearson": self.pearson, "cosine": self.cosine, "euclidean": self.euclidean}
-
-
-def kinship_of_deltas(pairs: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> KinshipSums:
-    """Sums over an iterable of (delta_1 chunk, delta_2 chunk)."""
-    sums = KinshipSums()
-    for a, b in pairs:
-        sums.update(a, b)
-    return sums
 
 
 def kinship_flat(

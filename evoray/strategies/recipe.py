@@ -15,17 +15,23 @@ from __future__ import annotations
 
 import time
 from dataclasses import asdict, dataclass, field
-from datetime import datetime, timezone
 from typing import Any
 
 import optuna
-import ray
 import yaml
 
-from evoray.config import num_layers
 from evoray.errors import ConfigError
-from evoray.execution.search_run import RunInputs, SearchRun, flat_scores
 from evoray.merge.registry import get_method
+from evoray.strategies.base import (
+    Batch,
+    Build,
+    Generation,
+    LogRow,
+    MethodMerge,
+    Plan,
+    Problem,
+    Strategy,
+)
 
 SAMPLERS = ("cmaes", "tpe")
 SPARSIFYING = ("ties", "dare_linear", "dare_ties", "breadcrumbs", "breadcrumbs_ties")
@@ -95,20 +101,25 @@ class RecipeState:
         return cls(RecipeSettings(**st), d["round"], list(d["trials"]))
 
 
-class RecipeRun(SearchRun):
-    """One recipe search on a worker pool."""
+class RecipeSearch(Strategy):
+    """Recipe search as an ask/tell strategy: Optuna asks recipes, their dev scores tell it."""
 
-    strategy = "recipe_search"
+    name = "recipe_search"
+    settings_cls = RecipeSettings
+    generations_key = "rounds"
+    searchable = ()  # its ranges are not scalars; it searches weights itself
+    title = "recipe search"
 
-    def __init__(self, settings: RecipeSettings, inputs: RunInputs, *args: Any, **kw: Any) -> None:
+    def __init__(self, settings: RecipeSettings, problem: Problem) -> None:
         method = get_method(settings.method)
-        if method.needs_base and inputs.base is None:
+        if method.needs_base and not problem.has_base:
             raise ConfigError(f"recipe_search with {method.name} needs models.base")
-        super().__init__(settings, inputs, *args, **kw)
-        self.n_layers = max(1, num_layers(None, self.layout.names))
+        super().__init__(settings, problem)
+        self.n_layers = max(1, problem.n_layers)
+        self.state = RecipeState(settings)
+        self._new_study()
 
-    def start(self, state: RecipeState | None = None) -> RecipeState:
-        self.load_models()
+    def _new_study(self) -> None:
         s = self.settings
         sampler = (
             optuna.samplers.CmaEsSampler(seed=s.seed)
@@ -118,20 +129,12 @@ class RecipeRun(SearchRun):
         optuna.logging.set_verbosity(optuna.logging.WARNING)
         self.study = optuna.create_study(direction="maximize", sampler=sampler)
         self.distributions = self._distributions()
-        state = state or RecipeState(s)
-        for t in state.trials:
-            self.study.add_trial(
-                optuna.trial.create_trial(
-                    params=t["params"], distributions=self.distributions, value=t["fitness"]
-                )
-            )
-        return state
 
     def _distributions(self) -> dict[str, optuna.distributions.BaseDistribution]:
         s = self.settings
         out: dict[str, optuna.distributions.BaseDistribution] = {}
         slots = range(self.n_layers) if s.per_layer else [None]
-        for i in range(len(self.inputs.members)):
+        for i in range(self.problem.n_members):
             for layer in slots:
                 suffix = "" if layer is None else f"_l{layer}"
                 out[f"w{i}{suffix}"] = optuna.distributions.FloatDistribution(*s.weight_range)
@@ -143,7 +146,7 @@ class RecipeRun(SearchRun):
         """Per-model parameters (per-layer values become mergekit gradients)."""
         s = self.settings
         per = []
-        for i in range(len(self.inputs.members)):
+        for i in range(self.problem.n_members):
 
             def value(prefix: str, i: int = i) -> Any:
                 if not s.per_layer:
@@ -156,74 +159,106 @@ class RecipeRun(SearchRun):
             per.append(d)
         return per
 
-    def step(self, state: RecipeState) -> dict[str, Any]:
-        s = self.settings
+    def _merge(self, params: dict[str, float]) -> MethodMerge:
+        slots = tuple(range(self.problem.n_members))
+        return MethodMerge(self.settings.method, tuple(self.recipe(params)), {}, slots, True)
+
+    def setup(self) -> Plan:
+        return
+        yield  # nothing to score before the first round: every trial is a whole recipe
+
+    def generation(self) -> Plan:
+        s, state = self.settings, self.state
         t0 = time.perf_counter()
         asked = [self.study.ask(self.distributions) for _ in range(s.batch_size)]
-        calls = [
-            self.pool.submit(
-                "merge_and_evaluate", s.method, self.recipe(t.params), {}, self.base_ref, *self.refs
-            )
-            for t in asked
-        ]
-        results = ray.get(calls)
+        answers = yield Batch(evaluate=tuple(self._merge(t.params) for t in asked))
+        results = answers.scores
         best_before = state.best_fitness
         for t, res in zip(asked, results, strict=True):
-            self.study.tell(t, res["fitness"])
-            state.trials.append({"params": dict(t.params), "fitness": res["fitness"]})
-        self._log(state, asked, results, best_before)
+            self.study.tell(t, res.fitness)
+            state.trials.append({"params": dict(t.params), "fitness": res.fitness})
+        best = max(r.fitness for r in results)
+        rows = [
+            (self._row(t.number, res.fitness == best and best > best_before), res)
+            for t, res in zip(asked, results, strict=True)
+        ]
         state.round += 1
-        return {
-            "generation": state.round,
-            "best_fitness": state.best_fitness,
-            "evaluated": len(asked),
-            "evaluations": len(state.trials),
-            "generation_time_s": time.perf_counter() - t0,
-        }
-
-    def _log(self, state: RecipeState, asked, results, best_before: float) -> None:
-        if self.run_log is None:
-            return
-        best = max(r["fitness"] for r in results)
-        for t, res in zip(asked, results, strict=True):
-            self.run_log.append(
-                {
-                    "run_id": self.run_id,
-                    "strategy": self.strategy,
-                    "generation": state.round,
-                    "individual": t.number,
-                    "parents": list(range(len(self.inputs.members))),
-                    "operator": f"{self.settings.method}|{self.settings.sampler}",
-                    "seed": self.settings.seed,
-                    "scores": flat_scores(res["scores"]),
-                    "fitness": res["fitness"],
-                    "accepted": res["fitness"] == best and best > best_before,
-                    "wall_time_s": res["build_time_s"] + res["eval_time_s"],
-                    "eval_time_s": res["eval_time_s"],
-                    "node": res["node"],
-                    "device": res["device"],
-                    "timestamp": datetime.now(timezone.utc),
-                }
-            )
-        self.run_log.commit_generation(state.round)
-
-    def final_ref(self, state: RecipeState) -> ray.ObjectRef:
-        return self.pool.submit(
-            "merge_vector",
-            self.settings.method,
-            self.recipe(state.best["params"]),
-            {},
-            self.base_ref,
-            *self.refs,
+        return Generation(
+            metrics={
+                "generation": state.round,
+                "best_fitness": state.best_fitness,
+                "evaluated": len(asked),
+                "evaluations": len(state.trials),
+                "generation_time_s": time.perf_counter() - t0,
+            },
+            rows=rows,
         )
 
-    def mergekit_yaml(self, state: RecipeState) -> str:
+    def _row(self, number: int, accepted: bool) -> LogRow:
+        s = self.settings
+        return LogRow(
+            individual=number,
+            parents=list(range(self.problem.n_members)),
+            operator=s.method,
+            seed=s.seed,
+            accepted=accepted,
+            settings={"method": s.method, "sampler": s.sampler},
+        )
+
+    def answer(self) -> Build:
+        return self._merge(self.state.best["params"])
+
+    def mergekit_yaml(self) -> str | None:
         """The best recipe as a mergekit config that ``evoray merge`` reproduces."""
         config: dict[str, Any] = {"merge_method": self.settings.method}
-        if self.inputs.base is not None:
-            config["base_model"] = self.inputs.base
+        if self.problem.base is not None:
+            config["base_model"] = self.problem.base
         config["models"] = [
             {"model": m, "parameters": p}
-            for m, p in zip(self.inputs.members, self.recipe(state.best["params"]), strict=True)
+            for m, p in zip(
+                self.problem.members, self.recipe(self.state.best["params"]), strict=True
+            )
         ]
         return yaml.safe_dump(config, sort_keys=False)
+
+    def get_state(self) -> dict[str, Any]:
+        return self.state.to_dict()
+
+    def set_state(self, state: dict[str, Any]) -> None:
+        """Tell the evaluated recipes to a fresh study: the search continues from its history
+        (not bit-identical to an uninterrupted CMA-ES run)."""
+        self.state = RecipeState.from_dict(state)
+        self._new_study()
+        for t in self.state.trials:
+            self.study.add_trial(
+                optuna.trial.create_trial(
+                    params=t["params"], distributions=self.distributions, value=t["fitness"]
+                )
+            )
+
+    @property
+    def done(self) -> bool:
+        return self.state.done
+
+    @property
+    def generations_done(self) -> int:
+        return self.state.round
+
+    @property
+    def best_fitness(self) -> float:
+        return self.state.best_fitness
+
+    @property
+    def evaluations(self) -> int:
+        return len(self.state.trials)
+
+    @classmethod
+    def label(cls, settings: dict[str, Any]) -> str:
+        label = f"recipe search {settings.get('method', '?')} {settings.get('sampler', '?')}"
+        return label + (" per-layer" if settings.get("per_layer") else "")
+
+    @classmethod
+    def recipe_note(cls, settings: dict[str, Any], complete: bool) -> str:
+        if not complete:
+            return "Final recipe: not written yet (recipe.yml appears when the run finishes)."
+        return super().recipe_note(settings, complete)

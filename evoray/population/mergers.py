@@ -3,7 +3,7 @@
 Evolver (Du et al., ACL 2024 Findings) evolves a population of models and scores an offspring
 by the merge of the population with the offspring in its parent's place. All three mergers
 here are linear in each individual: ``merge(pop) = sum_i A_i theta_i`` with ``A_i`` fixed by
-the per-model statistics (``evoray.statistics``), which stay those of the original models
+the per-model statistics (``evoray.population.statistics``), which stay those of the original models
 during the search. So replacing individual ``i`` by ``u`` moves the merge by
 ``A_i (u - theta_i)``, which ``apply_delta`` adds in place without re-merging the population.
 The ``A_i`` are precomputed once, in float32: an elementwise vector per individual for Fisher
@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 
 from evoray.errors import ConfigError
-from evoray.layout import Layout, Slot
+from evoray.weights.layout import Layout, Slot
 
 log = logging.getLogger(__name__)
 

@@ -34,7 +34,7 @@ ARCH_KEYS = (
 
 
 class TensorSource(Protocol):
-    """What a layout needs from a checkpoint (``evoray.checkpoint.Checkpoint`` fits)."""
+    """What a layout needs from a checkpoint (``evoray.weights.checkpoint.Checkpoint`` fits)."""
 
     source: str
     config: dict | None
@@ -84,6 +84,9 @@ class Layout:
     @cached_property
     def _by_name(self) -> dict[str, Slot]:
         return {s.name: s for s in self.slots}
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._by_name
 
     def slot(self, name: str) -> Slot:
         try:

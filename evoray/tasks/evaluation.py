@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from datasets import Dataset
 
-from evoray.metrics import accuracy, macro_f1, perplexity
+from evoray.tasks.metrics import accuracy, macro_f1, perplexity
 
 
 @dataclass(frozen=True)

@@ -69,7 +69,7 @@ def _parallel_mode(args: argparse.Namespace) -> bool | None:
         return False
     if os.environ.get("RAY_ADDRESS"):
         return True
-    from evoray.checkpoint import open_checkpoint
+    from evoray.weights.checkpoint import open_checkpoint
 
     total = 0
     for src in [args.base, *args.models]:
@@ -80,7 +80,7 @@ def _parallel_mode(args: argparse.Namespace) -> bool | None:
 
 def _cmd_kinship(args: argparse.Namespace) -> int:
     """Print the kinship table(s), write the heatmap (and JSON); 0 on success."""
-    from evoray.kinship_matrix import METRICS, heatmap, kinship_matrix
+    from evoray.kinship.matrix import METRICS, heatmap, kinship_matrix
 
     if len(args.models) < 2:
         raise EvorayError(

@@ -1,1 +1,0 @@
-"""Population search strategies over weight space (Evolver first)."""

@@ -1,0 +1,216 @@
+"""The population on Ray: answers a strategy's batches with the worker pool and object store.
+
+The driver holds only object refs: population slots, the base, the merged model and the merger.
+Builds become worker calls (offspring, merges) whose results stay in the object store; scoring
+goes to the workers, one call per worker for a batch of DE offspring, so a generation costs one
+round trip per worker. Every build of a batch reads the population as it was when the batch
+arrived; keeps are applied after its scores and kinships.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import ray
+
+from evoray.execution.pool import WorkerPool
+from evoray.models.pool import ModelPool
+from evoray.strategies.base import (
+    Answers,
+    Batch,
+    Build,
+    Member,
+    MergeAll,
+    Merged,
+    MergedWith,
+    MethodMerge,
+    Offspring,
+    Score,
+)
+from evoray.tasks.pool import TaskPool, ZooTasks
+
+
+@dataclass(frozen=True)
+class RunInputs:
+    """A run's models and tasks, and where merger statistics are computed and cached."""
+
+    models: ModelPool
+    tasks: TaskPool = field(default_factory=ZooTasks)
+    stats_examples: int = 256
+    cache_dir: str | None = None
+
+    @property
+    def members(self) -> tuple[str, ...]:
+        return self.models.members
+
+    @property
+    def base(self) -> str | None:
+        return self.models.base
+
+
+@ray.remote(num_cpus=0)
+def compute_statistics(
+    kind: str,
+    models: ModelPool,
+    model_path: str,
+    tasks: TaskPool,
+    task_names: Sequence[str] | None,
+    n: int,
+    cache_dir: str | None,
+) -> dict:
+    """Fisher diagonals or RegMean Grams of one member on its training data (cached on disk)."""
+    from evoray.population.statistics import cached_statistics, fisher_diagonal, regmean_grams
+
+    model, tok = models.load(model_path)
+    split = tasks.train_batch(tok, task_names, n)
+
+    def compute() -> dict:
+        if kind == "fisher":
+            return fisher_diagonal(model, split)
+        return regmean_grams(model, split)
+
+    names = list(task_names) if task_names else tasks.names()
+    key = f"train-{'+'.join(names)}-{max(1, n // len(names))}"
+    if cache_dir is None:
+        return compute()
+    return cached_statistics(kind, Path(model_path), key, compute, Path(cache_dir))
+
+
+class RayPopulation:
+    """Population slots as object refs, answered by a ``WorkerPool``."""
+
+    def __init__(self, inputs: RunInputs, pool: WorkerPool) -> None:
+        self.inputs = inputs
+        self.pool = pool
+        self.layout = pool.spec.layout
+        self.refs: list[ray.ObjectRef] = []
+        self.base_ref: ray.ObjectRef | None = None
+        self.merged_ref: ray.ObjectRef | None = None
+        self.merger_ref: ray.ObjectRef | None = None
+
+    def load(self) -> None:
+        """Flat vectors of the base and the members, read by the workers into the store."""
+        base = self.inputs.base
+        self.base_ref = self.pool.submit("load", base) if base is not None else None
+        self.refs = [self.pool.submit("load", p) for p in self.inputs.members]
+
+    def make_merger(self, kind: str, params: dict[str, Any]) -> None:
+        """The population merger (average, or Fisher/RegMean from per-member statistics)."""
+        from evoray.population.mergers import make_merger
+
+        inp = self.inputs
+        n = len(inp.members)
+        if kind == "average":
+            merger = make_merger("average", self.layout, n)
+        else:
+            tasks = inp.models.member_tasks or (None,) * n
+            stats = ray.get(
+                [
+                    compute_statistics.remote(
+                        kind,
+                        inp.models,
+                        m,
+                        inp.tasks,
+                        None if t is None else [t],
+                        inp.stats_examples,
+                        inp.cache_dir,
+                    )
+                    for m, t in zip(inp.members, tasks, strict=True)
+                ]
+            )
+            key = "fishers" if kind == "fisher" else "grams"
+            merger = make_merger(kind, self.layout, n, **{key: stats}, **params)
+        self.merger_ref = ray.put(merger)
+
+    # -- batches -------------------------------------------------------------------------------
+
+    def execute(self, batch: Batch) -> Answers:
+        """Scores, kinships, then keeps, all against the population as the batch found it."""
+        pop = list(self.refs)
+        merged = self.merged_ref
+        scores = self._evaluate(batch.evaluate, pop, merged) if batch.evaluate else []
+        kinship = self._kinship(batch.kinship, pop)
+        for keep in batch.keep:
+            ref = self.materialize(keep.build, pop, merged)
+            if keep.slot is None:
+                self.merged_ref = ref
+            elif keep.slot == len(self.refs):
+                self.refs.append(ref)
+            else:
+                self.refs[keep.slot] = ref
+        return Answers(scores=scores, kinship=kinship)
+
+    def _context(self, merged: ray.ObjectRef | None) -> dict[str, ray.ObjectRef | None]:
+        return {"base": self.base_ref, "merged": merged, "merger": self.merger_ref}
+
+    def _evaluate(self, builds: Sequence[Build], pop, merged) -> list[Score]:
+        """DE offspring (alone or in the merge) go out as one batch call per worker; merges
+        are merged and scored on a worker; other builds are scored as vectors."""
+        if all(isinstance(b, Offspring) for b in builds) or all(
+            isinstance(b, MergedWith) and len(b.recipes) == 1 for b in builds
+        ):
+            in_merge = isinstance(builds[0], MergedWith)
+            recipes = [b.recipes[0] if in_merge else b.recipe for b in builds]
+            results = self.pool.evaluate_recipes(
+                recipes, pop, merged=in_merge, context=self._context(merged)
+            )
+            return [_score(r) for r in results]
+        if all(isinstance(b, MethodMerge) for b in builds):
+            calls = [
+                self.pool.submit("merge_and_evaluate", *self._merge_args(b, pop)) for b in builds
+            ]
+            return [_score(r) for r in ray.get(calls)]
+        refs = [self.materialize(b, pop, merged) for b in builds]
+        return [_score(r) for r in self.pool.evaluate_vectors(refs)]
+
+    def _kinship(self, pairs: Sequence[tuple[int, int]], pop) -> list[float]:
+        calls = [self.pool.submit("kinship", self.base_ref, pop[a], pop[b]) for a, b in pairs]
+        return [k["pearson"] for k in ray.get(calls)]
+
+    def _merge_args(self, b: MethodMerge, pop) -> tuple:
+        members = [pop[i] for i in b.slots]
+        base = (self.base_ref,) if b.with_base else ()
+        return (b.method, [dict(p) for p in b.per_model], dict(b.settings), *base, *members)
+
+    def materialize(self, build: Build, pop=None, merged=None) -> ray.ObjectRef:
+        """A ref to the flat vector of ``build`` (computed by a worker where needed)."""
+        pop = list(self.refs) if pop is None else pop
+        merged = self.merged_ref if merged is None else merged
+        if isinstance(build, Member):
+            return pop[build.slot]
+        if isinstance(build, Merged):
+            return merged
+        if isinstance(build, Offspring):
+            return self.pool.submit("build", build.recipe.to_dict(), *pop)
+        if isinstance(build, MergeAll):
+            return self.pool.submit("merge", self.merger_ref, *pop)
+        if isinstance(build, MergedWith):
+            recipes = [r.to_dict() for r in build.recipes]
+            return self.pool.submit("update_merged", self.merger_ref, merged, recipes, *pop)
+        if isinstance(build, MethodMerge):
+            return self.pool.submit("merge_vector", *self._merge_args(build, pop))
+        raise TypeError(f"unknown build {build!r}")
+
+    def test_scores(self, ref: ray.ObjectRef) -> dict[str, dict[str, dict[str, float]]]:
+        """In-domain test and OOD test scores of one vector (for the final report only)."""
+        (test,) = self.pool.evaluate_vectors([ref], split="test")
+        out = {"test": test["scores"]}
+        if self.inputs.tasks.has_ood:
+            (ood,) = self.pool.evaluate_vectors([ref], split="ood-test")
+            out["ood"] = ood["scores"]
+        return out
+
+
+def _score(result: dict[str, Any]) -> Score:
+    return Score(
+        fitness=result["fitness"],
+        scores=result["scores"],
+        build_time_s=result.get("build_time_s", 0.0),
+        eval_time_s=result["eval_time_s"],
+        kinship_to_parent=result.get("kinship_to_parent"),
+        node=result["node"],
+        device=result["device"],
+    )
