@@ -306,15 +306,22 @@ def num_layers(config: Mapping[str, Any] | None, tensor_names: list[str]) -> int
     return max(indices) + 1 if indices else 0
 
 
+def before_blocks(tensor_name: str) -> bool:
+    """True for a tensor that sits before the first block (token/position embeddings)."""
+    return layer_index(tensor_name) is None and bool(_PRE_RE.search(tensor_name))
+
+
 def tensor_position(tensor_name: str, n_layers: int) -> float:
     """Gradient position ``t`` of a tensor, as mergekit assigns it.
 
-    Embeddings (before the first block) get 0, block ``i`` of ``n`` gets ``i / (n - 1)``
-    (1 when there is a single block), everything after the blocks (final norm, heads) gets 1.
+    Block ``i`` of ``n`` gets ``i / (n - 1)`` (1 when there is a single block). Every tensor
+    outside the blocks gets 0: the embeddings, and also the final norm and heads, because
+    mergekit's planner reads those with the module's ``ConfigReader`` built at ``t=0``
+    (``plan_module`` in mergekit/plan.py), so ``weight: [0.2, 1.0]`` gives lm_head 0.2.
     """
     idx = layer_index(tensor_name)
     if idx is None:
-        return 0.0 if _PRE_RE.search(tensor_name) else 1.0
+        return 0.0
     if n_layers <= 1:
         return 1.0
     return min(idx, n_layers - 1) / (n_layers - 1)

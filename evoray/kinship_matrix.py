@@ -35,7 +35,7 @@ import numpy as np
 import torch
 
 from evoray.checkpoint import Checkpoint, open_checkpoint
-from evoray.config import layer_index, tensor_position
+from evoray.config import before_blocks, layer_index
 from evoray.errors import EvorayError, ray_get
 from evoray.kinship import KinshipSums
 from evoray.layout import Layout
@@ -131,7 +131,7 @@ def layer_group(name: str) -> str:
     idx = layer_index(name)
     if idx is not None:
         return f"layers.{idx}"
-    return "embeddings" if tensor_position(name, 0) == 0.0 else "head"
+    return "embeddings" if before_blocks(name) else "head"
 
 
 def _group_order(key: str) -> tuple[int, int]:

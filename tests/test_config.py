@@ -49,13 +49,14 @@ def test_filtered_settings_first_match_wins():
 
 
 def test_tensor_position_matches_mergekit_layout():
-    # Embeddings t=0, block i of n at i/(n-1), final norm and head t=1.
+    # Block i of n at i/(n-1); everything outside the blocks (embeddings, final norm, head)
+    # at t=0, as mergekit's planner reads them (issue 13).
     assert tensor_position("model.embed_tokens.weight", 4) == 0.0
     assert tensor_position("model.layers.0.mlp.up_proj.weight", 4) == 0.0
     assert tensor_position("model.layers.2.mlp.up_proj.weight", 4) == pytest.approx(2 / 3)
     assert tensor_position("model.layers.3.input_layernorm.weight", 4) == 1.0
-    assert tensor_position("model.norm.weight", 4) == 1.0
-    assert tensor_position("lm_head.weight", 4) == 1.0
+    assert tensor_position("model.norm.weight", 4) == 0.0
+    assert tensor_position("lm_head.weight", 4) == 0.0
     assert tensor_position("transformer.h.1.attn.c_attn.weight", 3) == 0.5
     assert tensor_position("bert.encoder.layer.0.output.dense.weight", 1) == 1.0
     assert tensor_position("bert.embeddings.LayerNorm.weight", 2) == 0.0

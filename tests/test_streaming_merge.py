@@ -118,10 +118,12 @@ def test_slerp_with_filtered_and_gradient_t(tmp_path, tiny_base, tiny_finetunes)
     assert main(["merge", str(cfg), str(out), "-q"]) == 0
     merged, base, ft = tensors_of(out), state(tiny_base), state(other)
     for name, tensor in merged.items():
-        if "self_attn" in name or name == "model.embed_tokens.weight" or ".layers.0." in name:
-            torch.testing.assert_close(tensor, base[name])  # t = 0
-        elif ".layers.1." in name or name in ("model.norm.weight", "lm_head.weight"):
-            torch.testing.assert_close(tensor, ft[name])  # t = 1 (last layer and post weights)
+        outside_blocks = ("model.embed_tokens.weight", "model.norm.weight", "lm_head.weight")
+        if "self_attn" in name or name in outside_blocks or ".layers.0." in name:
+            # t = 0; mergekit also evaluates the final norm and head at t = 0
+            torch.testing.assert_close(tensor, base[name])
+        elif ".layers.1." in name:
+            torch.testing.assert_close(tensor, ft[name])  # t = 1 (last layer)
         else:
             pytest.fail(f"unexpected tensor {name}")
 
@@ -140,10 +142,31 @@ def test_task_arithmetic_gradient_weights(tmp_path, tiny_base, tiny_finetunes):
     torch.testing.assert_close(
         merged["model.embed_tokens.weight"], base["model.embed_tokens.weight"]
     )
-    torch.testing.assert_close(merged["lm_head.weight"], tuned["lm_head.weight"])
+    # mergekit evaluates the final norm and lm_head at t = 0 too (like the embeddings)
+    for name in ("model.norm.weight", "lm_head.weight"):
+        torch.testing.assert_close(merged[name], base[name])
     torch.testing.assert_close(
         merged["model.layers.1.mlp.up_proj.weight"], tuned["model.layers.1.mlp.up_proj.weight"]
     )
+
+
+def test_post_block_tensors_take_the_gradient_start_like_mergekit(
+    tmp_path, tiny_base, tiny_finetunes
+):
+    # issue 13: weight [0.2, 1.0] -> lm_head and the final norm at 0.2, not 1.0
+    ft = tiny_finetunes[0]
+    cfg = MergeConfig.from_dict(
+        {
+            "merge_method": "task_arithmetic",
+            "base_model": str(tiny_base),
+            "models": [{"model": str(ft), "parameters": {"weight": [0.2, 1.0]}}],
+        }
+    )
+    merged = tensors_of(merge_to_folder(cfg, tmp_path / "o"))
+    base, tuned = state(tiny_base), state(ft)
+    for name in ("model.embed_tokens.weight", "model.norm.weight", "lm_head.weight"):
+        expected = base[name] + 0.2 * (tuned[name] - base[name])
+        torch.testing.assert_close(merged[name], expected, msg=name)
 
 
 def test_dtypes_and_dare_seed(tmp_path, tiny_base, tiny_finetunes):
