@@ -43,6 +43,7 @@ class MergePlan:
     n_layers: int
     out_dtype: torch.dtype
     seed: int = 0
+    allow_nonfinite: bool = False  # else a NaN/Inf input tensor stops the merge, named
     _scratch: torch.Tensor | None = field(default=None, repr=False)
 
     def parameters(self, tensor_name: str) -> tuple[list[dict[str, Any]], dict[str, Any]]:
@@ -84,6 +85,8 @@ class MergePlan:
 
     def _read(self, ckpt: Checkpoint, name: str) -> torch.Tensor:
         t = ckpt.get(name)
+        if not self.allow_nonfinite:
+            ckpt.check_finite(name, t)  # one pass over the tensor; a NaN merge is worse
         # mergekit rounds inputs to `dtype` before merging; we then compute in float32.
         return t.to(self.config.dtype) if self.config.dtype is not None else t
 
@@ -116,6 +119,7 @@ def plan_merge(
     allow_pickle: bool = False,
     trust_remote_code: bool = False,
     seed: int = 0,
+    allow_nonfinite: bool = False,
 ) -> MergePlan:
     """Open the config's checkpoints and check everything that needs no weight data."""
     method = get_method(config.merge_method)
@@ -160,6 +164,7 @@ def plan_merge(
             n_layers=num_layers(reference.config, layout.names),
             out_dtype=config.out_dtype or config.dtype or layout.storage_dtype,
             seed=seed,
+            allow_nonfinite=allow_nonfinite,
         )
         _validate_all_tensors(plan)
         return plan
@@ -224,13 +229,28 @@ def merge_to_folder(
     max_shard_bytes: int = DEFAULT_SHARD_BYTES,
     seed: int = 0,
     progress: bool = False,
+    allow_nonfinite: bool = False,
 ) -> Path:
-    """Merge per ``config`` and save an HF folder at ``out_dir`` (atomically)."""
+    """Merge per ``config`` and save an HF folder at ``out_dir`` (atomically).
+
+    ``overwrite`` replaces only an earlier merge's folder, never one holding the config or an
+    input model (see ``export.check_replaceable``); ``allow_nonfinite`` merges NaN/Inf inputs
+    instead of stopping at the first such tensor."""
     plan = plan_merge(
-        config, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code, seed=seed
+        config,
+        allow_pickle=allow_pickle,
+        trust_remote_code=trust_remote_code,
+        seed=seed,
+        allow_nonfinite=allow_nonfinite,
     )
     try:
-        with ModelFolderWriter(out_dir, max_shard_bytes=max_shard_bytes, overwrite=overwrite) as w:
+        writer = ModelFolderWriter(
+            out_dir,
+            max_shard_bytes=max_shard_bytes,
+            overwrite=overwrite,
+            protect=_protected_paths(plan),
+        )
+        with writer as w:
             for name, tensor in plan.iter_tensors(progress=progress):
                 w.add(name, tensor)
             w.copy_support_files(plan.reference.folder, dtype=plan.out_dtype)
@@ -248,6 +268,20 @@ def merge_to_folder(
             return w.commit()
     finally:
         plan.close()
+
+
+def _protected_paths(plan: MergePlan) -> list[tuple[Path, str]]:
+    """What an ``--overwrite`` of the output must never delete: the config and the inputs."""
+    out: list[tuple[Path, str]] = []
+    if Path(plan.config.source).is_file():
+        out.append((Path(plan.config.source), "the merge config"))
+    for ckpt in [*plan.models, plan.reference, plan.base]:
+        if ckpt is not None:
+            out.append((ckpt.folder or ckpt.path, f"input model {ckpt.source!r}"))
+    tok = plan.config.tokenizer_source
+    if tok not in (None, "base") and Path(tok).is_dir():
+        out.append((Path(tok), "the tokenizer_source folder"))
+    return out
 
 
 def _tokenizer_folder(plan: MergePlan) -> Path | None:

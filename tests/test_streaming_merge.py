@@ -378,7 +378,13 @@ def test_cli_errors_are_one_line_exit_2(tmp_path, tiny_finetunes, capsys):
     (tmp_path / "taken" / "file").write_text("x")
     assert main(["merge", str(ok), str(tmp_path / "taken"), "-q"]) == 2
     assert "--overwrite" in capsys.readouterr().err
-    assert main(["merge", str(ok), str(tmp_path / "taken"), "-q", "--overwrite"]) == 0
+    # --overwrite replaces only an earlier merge's output (issue 13): refused here, then fine
+    # once the folder is one an evoray merge wrote
+    assert main(["merge", str(ok), str(tmp_path / "taken"), "-q", "--overwrite"]) == 2
+    assert "does not look like an earlier merge" in capsys.readouterr().err
+    assert (tmp_path / "taken" / "file").read_text() == "x"
+    assert main(["merge", str(ok), str(tmp_path / "merged"), "-q"]) == 0
+    assert main(["merge", str(ok), str(tmp_path / "merged"), "-q", "--overwrite"]) == 0
 
 
 def test_parse_size():
