@@ -257,6 +257,114 @@ def test_streaming_holds_one_tensor_per_input(tmp_path, tiny_base, tiny_finetune
     assert tensor_reads.peak <= 4
 
 
+# --- mergekit slices and parameters copied between methods (issue 13) ------------------------
+
+
+def test_slices_of_whole_models_give_the_models_merge(tmp_path, tiny_base, tiny_finetunes):
+    # what mergekit-evolve writes: every model under slices with the whole layer_range
+    per = [{"weight": 1.0, "density": 0.5}, {"weight": 0.5, "density": 0.8}]
+    models = [str(p) for p in tiny_finetunes[:2]]
+    common = {"merge_method": "ties", "base_model": str(tiny_base), "parameters": {"lambda": 0.9}}
+    as_models = MergeConfig.from_dict(
+        {
+            **common,
+            "models": [{"model": m, "parameters": q} for m, q in zip(models, per, strict=True)],
+        }
+    )
+    sources = [{"model": str(tiny_base), "layer_range": [0, 2]}]
+    sources += [
+        {"model": m, "layer_range": [0, 2], "parameters": q}
+        for m, q in zip(models, per, strict=True)
+    ]
+    as_slices = MergeConfig.from_dict({**common, "slices": [{"sources": sources}]})
+    a = tensors_of(merge_to_folder(as_models, tmp_path / "models"))
+    b = tensors_of(merge_to_folder(as_slices, tmp_path / "slices"))
+    assert set(a) == set(b)
+    for name in a:
+        torch.testing.assert_close(b[name], a[name], rtol=0, atol=0, msg=name)
+    card = (tmp_path / "slices" / "README.md").read_text()
+    assert "layer_range" in card  # the recipe as the user wrote it
+
+
+def test_per_slice_parameters_follow_mergekit(tmp_path, tiny_base, tiny_finetunes):
+    # one slice per layer (mergekit-evolve's layer_granularity): slice 0 weight [0.2, 1.0] is
+    # evaluated at t = 1 in a one-layer slice and at t = 0 for the embeddings; slice 1's
+    # weight comes from the slice's own parameters, and the final norm and head use it
+    ft = str(tiny_finetunes[0])
+    cfg = MergeConfig.from_dict(
+        {
+            "merge_method": "task_arithmetic",
+            "base_model": str(tiny_base),
+            "slices": [
+                {
+                    "sources": [
+                        {"model": ft, "layer_range": [0, 1], "parameters": {"weight": [0.2, 1.0]}}
+                    ]
+                },
+                {"sources": [{"model": ft, "layer_range": [1, 2]}], "parameters": {"weight": 0.5}},
+            ],
+        }
+    )
+    merged = tensors_of(merge_to_folder(cfg, tmp_path / "o"))
+    base, tuned = state(tiny_base), state(tiny_finetunes[0])
+    for name, tensor in merged.items():
+        if ".layers.0." in name:
+            w = 1.0
+        elif name == "model.embed_tokens.weight":
+            w = 0.2
+        else:  # layer 1, final norm, lm_head
+            w = 0.5
+        torch.testing.assert_close(tensor, base[name] + w * (tuned[name] - base[name]), msg=name)
+
+
+def test_slices_that_drop_layers_are_refused(tmp_path, tiny_base, tiny_finetunes):
+    cfg = MergeConfig.from_dict(
+        {
+            "merge_method": "linear",
+            "slices": [
+                {"sources": [{"model": str(p), "layer_range": [0, 1]} for p in tiny_finetunes[:2]]}
+            ],
+            "parameters": {"weight": 1.0},
+        },
+        source="short.yml",
+    )
+    with pytest.raises(ConfigError, match=r"short.yml: slices cover layers 0-1 .* 2 layers"):
+        plan_merge(cfg)
+
+
+def test_parameter_of_another_method_is_a_warning(tmp_path, tiny_base, tiny_finetunes, caplog):
+    ft = str(tiny_finetunes[0])
+    plain = {"merge_method": "task_arithmetic", "base_model": str(tiny_base)}
+    ref = MergeConfig.from_dict({**plain, "models": [{"model": ft, "parameters": {"weight": 0.7}}]})
+    copied = MergeConfig.from_dict(
+        {
+            **plain,
+            "models": [{"model": ft, "parameters": {"weight": 0.7, "gamma": 0.05}}],
+            "parameters": {"filter_wise": True, "t": 0.3},
+        },
+        source="copied.yml",
+    )
+    with caplog.at_level("WARNING", logger="evoray.streaming_merge"):
+        out = merge_to_folder(copied, tmp_path / "copied")
+    text = caplog.text
+    for field in ("models[0].parameters.gamma", "parameters.filter_wise", "parameters.t"):
+        assert f"copied.yml: {field}" in text
+    assert "task_arithmetic does not use 'gamma'" in text and "ignored" in text
+    expected = tensors_of(merge_to_folder(ref, tmp_path / "ref"))
+    for name, tensor in tensors_of(out).items():
+        torch.testing.assert_close(tensor, expected[name], rtol=0, atol=0)
+
+
+def test_unknown_parameter_is_an_error_with_did_you_mean(tmp_path, tiny_base, tiny_finetunes):
+    cfg = bad(tmp_path, tiny_base, tiny_finetunes, merge_method="task_arithmetic")
+    cfg = MergeConfig.from_dict(
+        {**cfg.raw, "models": [{"model": str(tiny_finetunes[0]), "parameters": {"wieght": 1}}]},
+        source="bad.yml",
+    )
+    with pytest.raises(ConfigError, match=r"models\[0\].parameters.wieght.*did you mean 'weight'"):
+        plan_merge(cfg)
+
+
 # --- bad input ------------------------------------------------------------------------------
 
 
