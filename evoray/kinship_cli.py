@@ -112,7 +112,11 @@ def _cmd_kinship(args: argparse.Namespace) -> int:
             print()
     try:
         png = heatmap(result, metrics, args.png)
-    except (OSError, ValueError) as e:  # ValueError: matplotlib knows no such image format
+    except OSError as e:
+        raise _write_error(args.png, e, "heatmap (--png)") from e
+    except ValueError as e:  # matplotlib: "Format 'x' is not supported (supported formats: ...)"
+        if "not supported" not in str(e):
+            raise
         raise _write_error(args.png, e, "heatmap (--png)") from e
     print(f"heatmap written to {png.resolve()}")
     if args.json is not None:

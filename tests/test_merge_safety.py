@@ -181,6 +181,16 @@ def test_kinship_refuses_nonfinite_weights(tiny_base, tiny_finetunes, nan_model,
     assert "nan" in capsys.readouterr().out
 
 
+def test_kinship_ray_tasks_refuse_nonfinite_weights(
+    tiny_base, tiny_finetunes, nan_model, ray_local
+):
+    models = [str(tiny_finetunes[0]), str(nan_model)]
+    with pytest.raises(CheckpointError, match=r"up_proj\.weight.*3 non-finite"):
+        kinship_matrix(tiny_base, models, parallel=True)
+    res = kinship_matrix(tiny_base, models, parallel=True, allow_nonfinite=True)
+    assert not torch.isfinite(torch.as_tensor(res.matrix("cosine"))).all()
+
+
 # --- 4. a killed merge's hidden temp folder -------------------------------------------------
 
 _KILLED_WRITER = """
