@@ -128,9 +128,14 @@ def check_replaceable(
             "tagged evoray or mergekit, no mergekit_config.yml)"
         )
     if why is not None:
+        rule = (
+            "--overwrite only replaces a folder an earlier evoray or mergekit merge wrote"
+            if require_merge_output
+            else "evoray never replaces such a folder with a model"
+        )
         raise CheckpointError(
-            f"Refusing to replace {dest}: {why}; --overwrite only replaces a folder an earlier "
-            "evoray or mergekit merge wrote. Choose a new output folder, or delete it yourself."
+            f"Refusing to replace {dest}: {why}; {rule}. Choose a new output folder, or delete "
+            "it yourself."
         )
 
 
