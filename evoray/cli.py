@@ -47,6 +47,7 @@ def _cmd_merge(args: argparse.Namespace) -> int:
         max_shard_bytes=args.max_shard_size,
         seed=args.seed,
         progress=not args.quiet,
+        allow_nonfinite=args.allow_nonfinite,
     )
     print(f"merged model written to {out}")
     return 0
@@ -144,7 +145,16 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="accept models whose config needs custom code (auto_map)",
     )
-    m.add_argument("--overwrite", action="store_true", help="replace an existing OUT_DIR")
+    m.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace an existing OUT_DIR that an earlier evoray or mergekit merge wrote",
+    )
+    m.add_argument(
+        "--allow-nonfinite",
+        action="store_true",
+        help="merge input tensors that hold NaN or Inf (refused by default)",
+    )
     m.add_argument(
         "--max-shard-size",
         type=parse_size,

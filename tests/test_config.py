@@ -49,13 +49,14 @@ def test_filtered_settings_first_match_wins():
 
 
 def test_tensor_position_matches_mergekit_layout():
-    # Embeddings t=0, block i of n at i/(n-1), final norm and head t=1.
+    # Block i of n at i/(n-1); everything outside the blocks (embeddings, final norm, head)
+    # at t=0, as mergekit's planner reads them (issue 13).
     assert tensor_position("model.embed_tokens.weight", 4) == 0.0
     assert tensor_position("model.layers.0.mlp.up_proj.weight", 4) == 0.0
     assert tensor_position("model.layers.2.mlp.up_proj.weight", 4) == pytest.approx(2 / 3)
     assert tensor_position("model.layers.3.input_layernorm.weight", 4) == 1.0
-    assert tensor_position("model.norm.weight", 4) == 1.0
-    assert tensor_position("lm_head.weight", 4) == 1.0
+    assert tensor_position("model.norm.weight", 4) == 0.0
+    assert tensor_position("lm_head.weight", 4) == 0.0
     assert tensor_position("transformer.h.1.attn.c_attn.weight", 3) == 0.5
     assert tensor_position("bert.encoder.layer.0.output.dense.weight", 1) == 1.0
     assert tensor_position("bert.embeddings.LayerNorm.weight", 2) == 0.0
@@ -107,7 +108,7 @@ def test_relative_model_paths_resolve_against_config_folder(tmp_path):
     ("data", "needle"),
     [
         ({"merge_method": "ties", "models": [{"model": "a"}], "paramters": {}}, "did you mean"),
-        ({"merge_method": "ties", "slices": []}, "slicing"),
+        ({"merge_method": "ties", "slices": []}, "'slices' must be a non-empty list"),
         ({"merge_method": "ties", "models": [{"model": "a"}], "tokenizer": {}}, "tokenizer"),
         ({"models": [{"model": "a"}]}, "merge_method"),
         ({"merge_method": "ties"}, "models"),
@@ -155,3 +156,77 @@ def test_parse_dtype():
     assert parse_dtype(None, field_name="x") is None
     with pytest.raises(ConfigError, match="out_dtype"):
         parse_dtype("float8", field_name="out_dtype")
+
+
+# --- slices: whole-model merges written as mergekit slices (issue 13, item 14) ---------------
+
+
+def src(model, rng, **params):
+    out = {"model": model, "layer_range": list(rng)}
+    if params:
+        out["parameters"] = params
+    return out
+
+
+def test_slices_of_whole_models_are_read_per_slice():
+    c = MergeConfig.from_dict(
+        {
+            "merge_method": "task_arithmetic",
+            "base_model": "base",
+            "slices": [
+                {"sources": [src("a", (0, 2), weight=0.3), src("base", (0, 2))]},
+                {
+                    "sources": [src("base", (2, 4)), src("a", (2, 4), weight=[0.0, 1.0])],
+                    "parameters": {"lambda": 0.5},
+                },
+            ],
+            "parameters": {"lambda": 2.0},
+        }
+    )
+    assert [m.model for m in c.models] == ["a", "base"]
+    assert [(s.start, s.end) for s in c.slices] == [(0, 2), (2, 4)]
+    # t within the slice, as mergekit's plan_slice; embeddings in slice 0, head in the last
+    assert c.locate("model.layers.1.mlp.up_proj.weight", 4) == (1.0, 0)
+    assert c.locate("model.layers.2.mlp.up_proj.weight", 4) == (0.0, 1)
+    assert c.locate("model.layers.3.mlp.up_proj.weight", 4) == (1.0, 1)
+    assert c.locate("model.embed_tokens.weight", 4) == (0.0, 0)
+    assert c.locate("lm_head.weight", 4) == (0.0, 1)
+    name = "model.layers.3.x"
+    assert c.model_parameter("weight", 0, name, 1.0, fallback=False, slice_index=1) == 1.0
+    assert c.model_parameter("weight", 0, name, 1.0, fallback=False, slice_index=0) == 0.3
+    assert c.model_parameter("weight", 1, name, 1.0, fallback=False, slice_index=0) is None
+    assert c.global_parameter("lambda", name, 1.0, slice_index=1) == 0.5
+    assert c.global_parameter("lambda", name, 1.0, slice_index=0) == 2.0
+    c.check_slices_cover(4)
+    with pytest.raises(ConfigError, match="frankenmerge"):
+        c.check_slices_cover(6)
+
+
+@pytest.mark.parametrize(
+    ("slices", "needle"),
+    [
+        # layers 0-2 of one model with layers 2-4 of another: a frankenmerge
+        ([{"sources": [src("a", (0, 2)), src("b", (2, 4))]}], "slices[0].sources[1].layer_range"),
+        ([{"sources": [src("a", (0, 2))]}, {"sources": [src("a", (3, 4))]}], "slices[1]"),
+        ([{"sources": [src("a", (0, 2))]}, {"sources": [src("a", (0, 2))]}], "slices[1]"),
+        ([{"sources": [src("a", (2, 4))]}], "expected 0"),
+        ([{"sources": [src("a", (0, 2))]}, {"sources": [src("b", (2, 4))]}], "same models"),
+        ([{"sources": [src("a", (0, 2)), src("a", (0, 2))]}], "twice"),
+        ([{"sources": [{"model": "a"}]}], "slices[0].sources[0].layer_range"),
+        ([{"sources": [src("a", (2, 1))]}], "layer_range"),
+        ([{"sources": [src("a", (0, 2))], "residual_weight": 0.5}], "residual_weight"),
+        ([{"sources": [src("a", (0, 2)) | {"layers": 1}]}], "unknown keys"),
+        ([{"sourcs": []}], "slices[0]"),
+    ],
+)
+def test_frankenmerge_slices_are_refused_by_name(slices, needle):
+    with pytest.raises(ConfigError) as err:
+        MergeConfig.from_dict({"merge_method": "linear", "slices": slices}, source="bad.yml")
+    assert needle in str(err.value) and "bad.yml" in str(err.value)
+
+
+def test_models_and_slices_together_are_refused():
+    with pytest.raises(ConfigError, match="either 'models' or 'slices'"):
+        MergeConfig.from_dict(
+            {"merge_method": "linear", "models": ["a"], "slices": [{"sources": [src("a", (0, 1))]}]}
+        )

@@ -223,6 +223,7 @@ def test_overwrite_replaces(tmp_path: Path) -> None:
     out = tmp_path / "out"
     out.mkdir()
     (out / "old.txt").write_text("stale")
+    (out / "mergekit_config.yml").write_text("merge_method: linear\n")  # a mergekit output
     with ModelFolderWriter(out, overwrite=True) as w:
         w.add("w", torch.ones(2))
         assert (out / "old.txt").exists()  # untouched until commit

@@ -118,10 +118,12 @@ def test_slerp_with_filtered_and_gradient_t(tmp_path, tiny_base, tiny_finetunes)
     assert main(["merge", str(cfg), str(out), "-q"]) == 0
     merged, base, ft = tensors_of(out), state(tiny_base), state(other)
     for name, tensor in merged.items():
-        if "self_attn" in name or name == "model.embed_tokens.weight" or ".layers.0." in name:
-            torch.testing.assert_close(tensor, base[name])  # t = 0
-        elif ".layers.1." in name or name in ("model.norm.weight", "lm_head.weight"):
-            torch.testing.assert_close(tensor, ft[name])  # t = 1 (last layer and post weights)
+        outside_blocks = ("model.embed_tokens.weight", "model.norm.weight", "lm_head.weight")
+        if "self_attn" in name or name in outside_blocks or ".layers.0." in name:
+            # t = 0; mergekit also evaluates the final norm and head at t = 0
+            torch.testing.assert_close(tensor, base[name])
+        elif ".layers.1." in name:
+            torch.testing.assert_close(tensor, ft[name])  # t = 1 (last layer)
         else:
             pytest.fail(f"unexpected tensor {name}")
 
@@ -140,10 +142,31 @@ def test_task_arithmetic_gradient_weights(tmp_path, tiny_base, tiny_finetunes):
     torch.testing.assert_close(
         merged["model.embed_tokens.weight"], base["model.embed_tokens.weight"]
     )
-    torch.testing.assert_close(merged["lm_head.weight"], tuned["lm_head.weight"])
+    # mergekit evaluates the final norm and lm_head at t = 0 too (like the embeddings)
+    for name in ("model.norm.weight", "lm_head.weight"):
+        torch.testing.assert_close(merged[name], base[name])
     torch.testing.assert_close(
         merged["model.layers.1.mlp.up_proj.weight"], tuned["model.layers.1.mlp.up_proj.weight"]
     )
+
+
+def test_post_block_tensors_take_the_gradient_start_like_mergekit(
+    tmp_path, tiny_base, tiny_finetunes
+):
+    # issue 13: weight [0.2, 1.0] -> lm_head and the final norm at 0.2, not 1.0
+    ft = tiny_finetunes[0]
+    cfg = MergeConfig.from_dict(
+        {
+            "merge_method": "task_arithmetic",
+            "base_model": str(tiny_base),
+            "models": [{"model": str(ft), "parameters": {"weight": [0.2, 1.0]}}],
+        }
+    )
+    merged = tensors_of(merge_to_folder(cfg, tmp_path / "o"))
+    base, tuned = state(tiny_base), state(ft)
+    for name in ("model.embed_tokens.weight", "model.norm.weight", "lm_head.weight"):
+        expected = base[name] + 0.2 * (tuned[name] - base[name])
+        torch.testing.assert_close(merged[name], expected, msg=name)
 
 
 def test_dtypes_and_dare_seed(tmp_path, tiny_base, tiny_finetunes):
@@ -232,6 +255,114 @@ def test_streaming_holds_one_tensor_per_input(tmp_path, tiny_base, tiny_finetune
     assert len(list(out.glob("model-*.safetensors"))) > 1  # streamed into several shards
     assert tensor_reads.reads == 4 * n_tensors  # base + 3 models, each tensor read exactly once
     assert tensor_reads.peak <= 4
+
+
+# --- mergekit slices and parameters copied between methods (issue 13) ------------------------
+
+
+def test_slices_of_whole_models_give_the_models_merge(tmp_path, tiny_base, tiny_finetunes):
+    # what mergekit-evolve writes: every model under slices with the whole layer_range
+    per = [{"weight": 1.0, "density": 0.5}, {"weight": 0.5, "density": 0.8}]
+    models = [str(p) for p in tiny_finetunes[:2]]
+    common = {"merge_method": "ties", "base_model": str(tiny_base), "parameters": {"lambda": 0.9}}
+    as_models = MergeConfig.from_dict(
+        {
+            **common,
+            "models": [{"model": m, "parameters": q} for m, q in zip(models, per, strict=True)],
+        }
+    )
+    sources = [{"model": str(tiny_base), "layer_range": [0, 2]}]
+    sources += [
+        {"model": m, "layer_range": [0, 2], "parameters": q}
+        for m, q in zip(models, per, strict=True)
+    ]
+    as_slices = MergeConfig.from_dict({**common, "slices": [{"sources": sources}]})
+    a = tensors_of(merge_to_folder(as_models, tmp_path / "models"))
+    b = tensors_of(merge_to_folder(as_slices, tmp_path / "slices"))
+    assert set(a) == set(b)
+    for name in a:
+        torch.testing.assert_close(b[name], a[name], rtol=0, atol=0, msg=name)
+    card = (tmp_path / "slices" / "README.md").read_text()
+    assert "layer_range" in card  # the recipe as the user wrote it
+
+
+def test_per_slice_parameters_follow_mergekit(tmp_path, tiny_base, tiny_finetunes):
+    # one slice per layer (mergekit-evolve's layer_granularity): slice 0 weight [0.2, 1.0] is
+    # evaluated at t = 1 in a one-layer slice and at t = 0 for the embeddings; slice 1's
+    # weight comes from the slice's own parameters, and the final norm and head use it
+    ft = str(tiny_finetunes[0])
+    cfg = MergeConfig.from_dict(
+        {
+            "merge_method": "task_arithmetic",
+            "base_model": str(tiny_base),
+            "slices": [
+                {
+                    "sources": [
+                        {"model": ft, "layer_range": [0, 1], "parameters": {"weight": [0.2, 1.0]}}
+                    ]
+                },
+                {"sources": [{"model": ft, "layer_range": [1, 2]}], "parameters": {"weight": 0.5}},
+            ],
+        }
+    )
+    merged = tensors_of(merge_to_folder(cfg, tmp_path / "o"))
+    base, tuned = state(tiny_base), state(tiny_finetunes[0])
+    for name, tensor in merged.items():
+        if ".layers.0." in name:
+            w = 1.0
+        elif name == "model.embed_tokens.weight":
+            w = 0.2
+        else:  # layer 1, final norm, lm_head
+            w = 0.5
+        torch.testing.assert_close(tensor, base[name] + w * (tuned[name] - base[name]), msg=name)
+
+
+def test_slices_that_drop_layers_are_refused(tmp_path, tiny_base, tiny_finetunes):
+    cfg = MergeConfig.from_dict(
+        {
+            "merge_method": "linear",
+            "slices": [
+                {"sources": [{"model": str(p), "layer_range": [0, 1]} for p in tiny_finetunes[:2]]}
+            ],
+            "parameters": {"weight": 1.0},
+        },
+        source="short.yml",
+    )
+    with pytest.raises(ConfigError, match=r"short.yml: slices cover layers 0-1 .* 2 layers"):
+        plan_merge(cfg)
+
+
+def test_parameter_of_another_method_is_a_warning(tmp_path, tiny_base, tiny_finetunes, caplog):
+    ft = str(tiny_finetunes[0])
+    plain = {"merge_method": "task_arithmetic", "base_model": str(tiny_base)}
+    ref = MergeConfig.from_dict({**plain, "models": [{"model": ft, "parameters": {"weight": 0.7}}]})
+    copied = MergeConfig.from_dict(
+        {
+            **plain,
+            "models": [{"model": ft, "parameters": {"weight": 0.7, "gamma": 0.05}}],
+            "parameters": {"filter_wise": True, "t": 0.3},
+        },
+        source="copied.yml",
+    )
+    with caplog.at_level("WARNING", logger="evoray.merge.streaming"):
+        out = merge_to_folder(copied, tmp_path / "copied")
+    text = caplog.text
+    for field in ("models[0].parameters.gamma", "parameters.filter_wise", "parameters.t"):
+        assert f"copied.yml: {field}" in text
+    assert "task_arithmetic does not use 'gamma'" in text and "ignored" in text
+    expected = tensors_of(merge_to_folder(ref, tmp_path / "ref"))
+    for name, tensor in tensors_of(out).items():
+        torch.testing.assert_close(tensor, expected[name], rtol=0, atol=0)
+
+
+def test_unknown_parameter_is_an_error_with_did_you_mean(tmp_path, tiny_base, tiny_finetunes):
+    cfg = bad(tmp_path, tiny_base, tiny_finetunes, merge_method="task_arithmetic")
+    cfg = MergeConfig.from_dict(
+        {**cfg.raw, "models": [{"model": str(tiny_finetunes[0]), "parameters": {"wieght": 1}}]},
+        source="bad.yml",
+    )
+    with pytest.raises(ConfigError, match=r"models\[0\].parameters.wieght.*did you mean 'weight'"):
+        plan_merge(cfg)
 
 
 # --- bad input ------------------------------------------------------------------------------
@@ -355,7 +486,13 @@ def test_cli_errors_are_one_line_exit_2(tmp_path, tiny_finetunes, capsys):
     (tmp_path / "taken" / "file").write_text("x")
     assert main(["merge", str(ok), str(tmp_path / "taken"), "-q"]) == 2
     assert "--overwrite" in capsys.readouterr().err
-    assert main(["merge", str(ok), str(tmp_path / "taken"), "-q", "--overwrite"]) == 0
+    # --overwrite replaces only an earlier merge's output (issue 13): refused here, then fine
+    # once the folder is one an evoray merge wrote
+    assert main(["merge", str(ok), str(tmp_path / "taken"), "-q", "--overwrite"]) == 2
+    assert "does not look like an earlier merge" in capsys.readouterr().err
+    assert (tmp_path / "taken" / "file").read_text() == "x"
+    assert main(["merge", str(ok), str(tmp_path / "merged"), "-q"]) == 0
+    assert main(["merge", str(ok), str(tmp_path / "merged"), "-q", "--overwrite"]) == 0
 
 
 def test_parse_size():

@@ -4,6 +4,9 @@ Users arrive with mergekit configs, so we read that format as is (``merge_method
 ``models[].parameters``, ``parameters``, ``dtype``, ``out_dtype``, ``tokenizer_source``) and
 evaluate parameters exactly as mergekit does: a number, a gradient (a list of numbers interpolated
 over the layers), or a list of ``{filter, value}`` conditions matched against the tensor name.
+``slices:`` is read when it is a whole-model merge written as slices (what mergekit-evolve and many
+published configs write): every source of a slice spans the same layers, and the slices cover the
+layers in order, each with its own parameters. Stacking different layers (a frankenmerge) is not.
 Anything we do not implement is an error, never silently ignored (mergekit itself ignores
 unknown top-level keys, which hides typos such as ``paramters``).
 """
@@ -33,10 +36,11 @@ SUPPORTED_KEYS = {
     "tokenizer_source": "'base' or a model whose tokenizer is copied",
     "chat_template": "a chat template string stored in the tokenizer config",
     "name": "a name for the merged model (used in its model card)",
+    "slices": "instead of models: consecutive layer ranges, each merging the same models "
+    "(sources: [{model, layer_range, parameters}], parameters)",
 }
 # Keys mergekit knows that evoray does not implement; each gets its own explanation.
 UNSUPPORTED_KEYS = {
-    "slices": "layer slicing (frankenmerges) is not supported; list whole models under 'models'",
     "modules": "multi-module merges are not supported; list whole models under 'models'",
     "tokenizer": "the 'tokenizer' block (added tokens, embedding permutation) is not supported; "
     "use tokenizer_source: base or a model reference",
@@ -159,6 +163,20 @@ class ModelSpec:
 
 
 @dataclass(frozen=True)
+class SliceSpec:
+    """One entry of ``slices:``: layers ``[start, end)`` of every source merged with this
+    slice's parameters (``sources[].parameters`` per model, ``parameters`` for all)."""
+
+    start: int
+    end: int
+    sources: tuple[ModelSpec, ...]
+    parameters: dict[str, Setting] = field(default_factory=dict)
+
+    def source(self, model: str) -> ModelSpec | None:
+        return next((s for s in self.sources if s.model == model), None)
+
+
+@dataclass(frozen=True)
 class MergeConfig:
     """A validated mergekit-style merge config."""
 
@@ -173,6 +191,9 @@ class MergeConfig:
     name: str | None = None
     source: str = "<config>"
     raw: dict[str, Any] = field(default_factory=dict, compare=False)
+    # From ``slices:`` (empty for ``models:``): then ``models`` lists each source once, with
+    # no parameters of its own, and the parameters come from the slice of each tensor.
+    slices: tuple[SliceSpec, ...] = ()
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> MergeConfig:
@@ -202,7 +223,16 @@ class MergeConfig:
                 raise ConfigError(f"{source}: {where}: expected a model path or hub id string")
             return _resolve_ref(value, root)
 
-        models_raw = data.get("models")
+        slices: tuple[SliceSpec, ...] = ()
+        if "slices" in data:
+            if "models" in data:
+                raise ConfigError(
+                    f"{source}: give either 'models' or 'slices', not both (as in mergekit)"
+                )
+            slices = _parse_slices(data["slices"], source, ref)
+            models_raw = [{"model": s.model} for s in slices[0].sources]
+        else:
+            models_raw = data.get("models")
         if not isinstance(models_raw, list) or not models_raw:
             raise ConfigError(f"{source}: 'models' must be a non-empty list of {{model: ...}}")
         models = []
@@ -218,7 +248,8 @@ class MergeConfig:
                     f"{source}: {where}: unknown keys {sorted(extra)}; use model, parameters"
                 )
             params = _check_parameters(entry.get("parameters"), f"{source}: {where}.parameters")
-            models.append(ModelSpec(ref(entry["model"], f"{where}.model"), params))
+            model = entry["model"] if slices else ref(entry["model"], f"{where}.model")
+            models.append(ModelSpec(model, params))
         base = data.get("base_model")
         tok = data.get("tokenizer_source")
         if tok == "union":
@@ -240,15 +271,55 @@ class MergeConfig:
             name=data.get("name"),
             source=source,
             raw=dict(data),
+            slices=slices,
         )
 
+    def locate(self, tensor_name: str, n_layers: int) -> tuple[float, int | None]:
+        """Gradient position ``t`` of a tensor and the index of its slice (None without
+        ``slices``), as mergekit's planner assigns them: a block at its position within its
+        slice (``(i - start) / (len - 1)``, 1 for a one-layer slice); the tensors before the
+        blocks take the first slice's parameters, those after them the last slice's, at t=0."""
+        if not self.slices:
+            return tensor_position(tensor_name, n_layers), None
+        idx = layer_index(tensor_name)
+        if idx is None:
+            return 0.0, 0 if before_blocks(tensor_name) else len(self.slices) - 1
+        for k, sl in enumerate(self.slices):
+            if sl.start <= idx < sl.end:
+                n = sl.end - sl.start
+                return ((idx - sl.start) / (n - 1) if n > 1 else 1.0), k
+        raise ConfigError(f"{self.source}: no slice holds layer {idx} ({tensor_name})")
+
+    def check_slices_cover(self, n_layers: int) -> None:
+        """The slices must end at the models' last layer: a partial stack is a frankenmerge."""
+        if self.slices and self.slices[-1].end != n_layers:
+            raise ConfigError(
+                f"{self.source}: slices cover layers 0-{self.slices[-1].end} but the models have "
+                f"{n_layers} layers; evoray merges whole models, so the slices' layer_range must "
+                f"run from 0 to {n_layers} (dropping or stacking layers is a frankenmerge, "
+                "which is not supported)"
+            )
+
     def model_parameter(
-        self, name: str, model_index: int, tensor_name: str, t: float, *, fallback: bool = True
+        self,
+        name: str,
+        model_index: int,
+        tensor_name: str,
+        t: float,
+        *,
+        fallback: bool = True,
+        slice_index: int | None = None,
     ) -> Any:
-        """Resolve a parameter for one model and tensor: the model's own, then (with
-        ``fallback``) the global one, as mergekit does."""
+        """Resolve a parameter for one model and tensor: the model's own (in ``slices``, its
+        source's in slice ``slice_index``), then (with ``fallback``) the slice's and the global
+        one, as mergekit does."""
         sources = [self.models[model_index].parameters]
+        if slice_index is not None:
+            src = self.slices[slice_index].source(self.models[model_index].model)
+            sources = [src.parameters if src is not None else {}]
         if fallback:
+            if slice_index is not None:
+                sources.append(self.slices[slice_index].parameters)
             sources.append(self.parameters)
         for settings in sources:
             if name in settings:
@@ -257,8 +328,14 @@ class MergeConfig:
                     return value
         return None
 
-    def global_parameter(self, name: str, tensor_name: str, t: float) -> Any:
-        """Resolve a global parameter for one tensor."""
+    def global_parameter(
+        self, name: str, tensor_name: str, t: float, *, slice_index: int | None = None
+    ) -> Any:
+        """Resolve a global parameter for one tensor (a slice's own value first)."""
+        if slice_index is not None and name in self.slices[slice_index].parameters:
+            value = evaluate_setting(self.slices[slice_index].parameters[name], tensor_name, t)
+            if value is not None:
+                return value
         if name in self.parameters:
             return evaluate_setting(self.parameters[name], tensor_name, t)
         return None
@@ -266,6 +343,80 @@ class MergeConfig:
     def to_yaml(self) -> str:
         """The config as the user wrote it, for the model card."""
         return yaml.safe_dump(self.raw, sort_keys=False).rstrip()
+
+
+def _parse_slices(data: Any, source: str, ref: Any) -> tuple[SliceSpec, ...]:
+    """Validate ``slices:``; only whole-model merges written as slices are accepted."""
+    if not isinstance(data, list) or not data:
+        raise ConfigError(f"{source}: 'slices' must be a non-empty list of {{sources: [...]}}")
+    out: list[SliceSpec] = []
+    for i, sl in enumerate(data):
+        where = f"slices[{i}]"
+        if not isinstance(sl, Mapping) or "sources" not in sl:
+            raise ConfigError(f"{source}: {where}: expected {{sources: [...], parameters: ...}}")
+        extra = set(sl) - {"sources", "parameters"}
+        if extra:
+            raise ConfigError(
+                f"{source}: {where}: unsupported keys {sorted(extra)}; evoray reads sources and "
+                "parameters of a slice"
+            )
+        raw_sources = sl["sources"]
+        if not isinstance(raw_sources, list) or not raw_sources:
+            raise ConfigError(f"{source}: {where}.sources must be a non-empty list")
+        sources: list[ModelSpec] = []
+        span: tuple[int, int] | None = None
+        for j, src in enumerate(raw_sources):
+            at = f"{where}.sources[{j}]"
+            if not isinstance(src, Mapping) or "model" not in src:
+                raise ConfigError(f"{source}: {at}: expected {{model, layer_range, parameters}}")
+            extra = set(src) - {"model", "layer_range", "parameters"}
+            if extra:
+                raise ConfigError(
+                    f"{source}: {at}: unknown keys {sorted(extra)}; use model, layer_range, "
+                    "parameters"
+                )
+            rng = src.get("layer_range")
+            if (
+                not isinstance(rng, list)
+                or len(rng) != 2
+                or not all(isinstance(x, int) and not isinstance(x, bool) for x in rng)
+                or not 0 <= rng[0] < rng[1]
+            ):
+                raise ConfigError(
+                    f"{source}: {at}.layer_range: expected [start, end] with 0 <= start < end, "
+                    f"got {rng!r}"
+                )
+            if span is None:
+                span = (rng[0], rng[1])
+            elif tuple(rng) != span:
+                raise ConfigError(
+                    f"{source}: {at}.layer_range {rng} differs from {where}.sources[0]'s "
+                    f"{list(span)}: taking different layers from different models is a "
+                    "frankenmerge, which is not supported; give every source of a slice the "
+                    "same layer_range"
+                )
+            model = ref(src["model"], f"{at}.model")
+            if any(s.model == model for s in sources):
+                raise ConfigError(f"{source}: {at}: model {model!r} appears twice in {where}")
+            params = _check_parameters(src.get("parameters"), f"{source}: {at}.parameters")
+            sources.append(ModelSpec(model, params))
+        assert span is not None
+        if out and {s.model for s in sources} != {s.model for s in out[0].sources}:
+            raise ConfigError(
+                f"{source}: {where} merges {sorted(s.model for s in sources)} but slices[0] "
+                f"merges {sorted(s.model for s in out[0].sources)}; every slice must merge the "
+                "same models (anything else is a frankenmerge, which is not supported)"
+            )
+        expected = out[-1].end if out else 0
+        if span[0] != expected:
+            raise ConfigError(
+                f"{source}: {where}.sources[*].layer_range starts at {span[0]}, expected "
+                f"{expected}: slices must cover the layers in order from 0 without gaps or "
+                "repeats (anything else is a frankenmerge, which is not supported)"
+            )
+        params = _check_parameters(sl.get("parameters"), f"{source}: {where}.parameters")
+        out.append(SliceSpec(span[0], span[1], tuple(sources), params))
+    return tuple(out)
 
 
 def _check_parameters(params: Any, where: str) -> dict[str, Setting]:
@@ -306,15 +457,22 @@ def num_layers(config: Mapping[str, Any] | None, tensor_names: list[str]) -> int
     return max(indices) + 1 if indices else 0
 
 
+def before_blocks(tensor_name: str) -> bool:
+    """True for a tensor that sits before the first block (token/position embeddings)."""
+    return layer_index(tensor_name) is None and bool(_PRE_RE.search(tensor_name))
+
+
 def tensor_position(tensor_name: str, n_layers: int) -> float:
     """Gradient position ``t`` of a tensor, as mergekit assigns it.
 
-    Embeddings (before the first block) get 0, block ``i`` of ``n`` gets ``i / (n - 1)``
-    (1 when there is a single block), everything after the blocks (final norm, heads) gets 1.
+    Block ``i`` of ``n`` gets ``i / (n - 1)`` (1 when there is a single block). Every tensor
+    outside the blocks gets 0: the embeddings, and also the final norm and heads, because
+    mergekit's planner reads those with the module's ``ConfigReader`` built at ``t=0``
+    (``plan_module`` in mergekit/plan.py), so ``weight: [0.2, 1.0]`` gives lm_head 0.2.
     """
     idx = layer_index(tensor_name)
     if idx is None:
-        return 0.0 if _PRE_RE.search(tensor_name) else 1.0
+        return 0.0
     if n_layers <= 1:
         return 1.0
     return min(idx, n_layers - 1) / (n_layers - 1)

@@ -55,6 +55,12 @@ def add_kinship_parser(subparsers: Any) -> argparse.ArgumentParser:
         help="also read pickle (.bin/.pt) weights; only for checkpoints you trust",
     )
     k.add_argument(
+        "--allow-nonfinite",
+        action="store_true",
+        help="compare models whose weights hold NaN or Inf (their values print as nan); "
+        "refused by default",
+    )
+    k.add_argument(
         "--no-parallel",
         action="store_true",
         help="read in this process only; by default Ray tasks read groups of tensors in parallel "
@@ -95,6 +101,7 @@ def _cmd_kinship(args: argparse.Namespace) -> int:
         per_layer=args.per_layer,
         allow_pickle=args.allow_pickle,
         parallel=_parallel_mode(args),
+        allow_nonfinite=args.allow_nonfinite,
     )
     print(f"{len(args.models)} models, {result.n_elements:,} floating weights each\n")
     for m in metrics:
@@ -106,13 +113,28 @@ def _cmd_kinship(args: argparse.Namespace) -> int:
     try:
         png = heatmap(result, metrics, args.png)
     except OSError as e:
-        raise EvorayError(f"cannot write heatmap {args.png}: {e}") from e
+        raise _write_error(args.png, e, "heatmap (--png)") from e
+    except ValueError as e:  # matplotlib: "Format 'x' is not supported (supported formats: ...)"
+        if "not supported" not in str(e):
+            raise
+        raise _write_error(args.png, e, "heatmap (--png)") from e
     print(f"heatmap written to {png.resolve()}")
     if args.json is not None:
         try:
             args.json.parent.mkdir(parents=True, exist_ok=True)
             args.json.write_text(json.dumps(result.to_dict(), indent=2, allow_nan=False) + "\n")
         except OSError as e:
-            raise EvorayError(f"cannot write {args.json}: {e}") from e
+            raise _write_error(args.json, e, "values (--json)") from e
         print(f"values written to {args.json.resolve()}")
     return 0
+
+
+def _write_error(path: Path, exc: Exception, what: str) -> EvorayError:
+    """One line naming the output file and what to do (full disk, unwritable, bad suffix)."""
+    if isinstance(exc, ValueError):
+        return EvorayError(
+            f"cannot write the {what} {path}: {exc}; give a file name ending in .png, .pdf or .svg"
+        )
+    from evoray.weights.export import write_error
+
+    return EvorayError(f"cannot write the {what}: {write_error(path, exc)}")

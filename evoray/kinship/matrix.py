@@ -34,7 +34,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from evoray.config.merge_config import layer_index, tensor_position
+from evoray.config.merge_config import before_blocks, layer_index
 from evoray.errors import EvorayError, ray_get
 from evoray.kinship.metrics import KinshipSums
 from evoray.weights.checkpoint import Checkpoint, open_checkpoint
@@ -131,7 +131,7 @@ def layer_group(name: str) -> str:
     idx = layer_index(name)
     if idx is not None:
         return f"layers.{idx}"
-    return "embeddings" if tensor_position(name, 0) == 0.0 else "head"
+    return "embeddings" if before_blocks(name) else "head"
 
 
 def _group_order(key: str) -> tuple[int, int]:
@@ -253,14 +253,29 @@ def _value_format(metric: str) -> Any:
 
 
 def _accumulate_tensor(
-    ckpts: Sequence[Checkpoint], name: str, buf: torch.Tensor, base_buf: torch.Tensor
+    ckpts: Sequence[Checkpoint],
+    name: str,
+    buf: torch.Tensor,
+    base_buf: torch.Tensor,
+    *,
+    allow_nonfinite: bool = False,
 ) -> torch.Tensor:
     """Augmented Gram (float64, (N+1)^2) of one tensor's deltas, chunk by chunk.
 
     A function of its own so every tensor it read is freed on return: at most one tensor per
-    checkpoint is alive at any time.
+    checkpoint is alive at any time. A NaN or Inf weight makes the Gram non-finite, so the
+    tensors are searched for it (and it is named) only then: the check costs nothing otherwise.
     """
-    base, *models = (c.get(name).reshape(-1) for c in ckpts)
+    tensors = [c.get(name).reshape(-1) for c in ckpts]
+    acc = _gram(tensors, buf, base_buf)
+    if not allow_nonfinite and not bool(torch.isfinite(acc).all()):
+        for c, t in zip(ckpts, tensors, strict=True):
+            c.check_finite(name, t)
+    return acc
+
+
+def _gram(tensors: list[torch.Tensor], buf: torch.Tensor, base_buf: torch.Tensor) -> torch.Tensor:
+    base, *models = tensors
     k, chunk = len(models), buf.shape[1]
     acc = torch.zeros(k + 1, k + 1, dtype=torch.float64)
     numel = base.numel()
@@ -292,6 +307,7 @@ def _group_sums(
     per_layer: bool,
     chunk_elems: int,
     ckpts: Sequence[Checkpoint] | None = None,
+    allow_nonfinite: bool = False,
 ) -> dict[str, GramSums]:
     """Partial sums over ``names`` (base first in ``paths``), keyed by layer group."""
     own = ckpts is None
@@ -308,7 +324,7 @@ def _group_sums(
         unreleased = 0
         for name in names:
             key = layer_group(name) if per_layer else TOTAL
-            g = _accumulate_tensor(ckpts, name, buf, base_buf)
+            g = _accumulate_tensor(ckpts, name, buf, base_buf, allow_nonfinite=allow_nonfinite)
             acc[key] = acc[key] + g if key in acc else g
             unreleased += sum(c.info(name).nbytes for c in ckpts)
             if unreleased >= RELEASE_BYTES:
@@ -362,13 +378,16 @@ def kinship_matrix(
     allow_pickle: bool = False,
     parallel: bool | None = None,
     chunk_elems: int = CHUNK_ELEMS,
+    allow_nonfinite: bool = False,
 ) -> KinshipResult:
     """Kinship of every pair of ``models`` (weight deltas from ``base``) in one pass.
 
     ``parallel``: None uses Ray if it is initialised, True starts a local Ray if needed (or joins
     ``RAY_ADDRESS``), False reads in this process. ``per_layer`` also keeps sums per layer group
     (see ``layer_group``). Layouts are checked against the base before any tensor is read, so a
-    mismatch raises ``LayoutError`` naming the tensor at once.
+    mismatch raises ``LayoutError`` naming the tensor at once. A NaN or Inf weight raises
+    ``CheckpointError`` naming file and tensor (the values would be ``nan``) unless
+    ``allow_nonfinite``.
     """
     metrics = tuple(metrics)
     for m in metrics:
@@ -387,7 +406,7 @@ def kinship_matrix(
             layout.check(c)
         names = layout.names
         if _ray_enabled(parallel):
-            parts = _ray_sums(ckpts, layout, allow_pickle, per_layer, chunk_elems)
+            parts = _ray_sums(ckpts, layout, allow_pickle, per_layer, chunk_elems, allow_nonfinite)
         else:
             parts = [
                 _group_sums(
@@ -397,6 +416,7 @@ def kinship_matrix(
                     per_layer=per_layer,
                     chunk_elems=chunk_elems,
                     ckpts=ckpts,
+                    allow_nonfinite=allow_nonfinite,
                 )
             ]
     finally:
@@ -436,6 +456,7 @@ def _ray_sums(
     allow_pickle: bool,
     per_layer: bool,
     chunk_elems: int,
+    allow_nonfinite: bool = False,
 ) -> list[dict[str, GramSums]]:
     """One Ray task per group of tensors; each returns its partial sums."""
     import ray
@@ -448,7 +469,12 @@ def _ray_sums(
     task = _remote_group_sums()
     refs = [
         task.remote(
-            paths, g, allow_pickle=allow_pickle, per_layer=per_layer, chunk_elems=chunk_elems
+            paths,
+            g,
+            allow_pickle=allow_pickle,
+            per_layer=per_layer,
+            chunk_elems=chunk_elems,
+            allow_nonfinite=allow_nonfinite,
         )
         for g in groups
     ]

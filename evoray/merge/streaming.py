@@ -9,6 +9,7 @@ so a bad config fails in seconds rather than half-way through a multi-GB merge.
 
 from __future__ import annotations
 
+import difflib
 import logging
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -18,9 +19,9 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from evoray.config.merge_config import MergeConfig, num_layers, tensor_position
+from evoray.config.merge_config import MergeConfig, num_layers
 from evoray.errors import CheckpointError, ConfigError
-from evoray.merge import MergeMethod, get_method
+from evoray.merge import METHODS, MergeMethod, get_method
 from evoray.weights.checkpoint import Checkpoint, open_checkpoint
 from evoray.weights.export import ModelFolderWriter
 from evoray.weights.layout import Layout, check_same_architecture
@@ -43,22 +44,25 @@ class MergePlan:
     n_layers: int
     out_dtype: torch.dtype
     seed: int = 0
+    allow_nonfinite: bool = False  # else a NaN/Inf input tensor stops the merge, named
     _scratch: torch.Tensor | None = field(default=None, repr=False)
 
     def parameters(self, tensor_name: str) -> tuple[list[dict[str, Any]], dict[str, Any]]:
         """Per-model and global parameter values for one tensor (gradients and filters applied)."""
-        t = tensor_position(tensor_name, self.n_layers)
+        t, k = self.config.locate(tensor_name, self.n_layers)
         model_params: list[dict[str, Any]] = [{} for _ in self.models]
         params: dict[str, Any] = {}
         for p in self.method.params:
             # Global values go to the method as defaults, so it validates them even where
             # every model overrides them (a typo there should not pass silently).
-            value = self.config.global_parameter(p.name, tensor_name, t)
+            value = self.config.global_parameter(p.name, tensor_name, t, slice_index=k)
             if value is not None:
                 params[p.name] = value
             if p.per_model:
                 for j, i in enumerate(self.model_indices):
-                    value = self.config.model_parameter(p.name, i, tensor_name, t, fallback=False)
+                    value = self.config.model_parameter(
+                        p.name, i, tensor_name, t, fallback=False, slice_index=k
+                    )
                     if value is not None:
                         model_params[j][p.name] = value
         return model_params, params
@@ -84,6 +88,8 @@ class MergePlan:
 
     def _read(self, ckpt: Checkpoint, name: str) -> torch.Tensor:
         t = ckpt.get(name)
+        if not self.allow_nonfinite:
+            ckpt.check_finite(name, t)  # one pass over the tensor; a NaN merge is worse
         # mergekit rounds inputs to `dtype` before merging; we then compute in float32.
         return t.to(self.config.dtype) if self.config.dtype is not None else t
 
@@ -116,6 +122,7 @@ def plan_merge(
     allow_pickle: bool = False,
     trust_remote_code: bool = False,
     seed: int = 0,
+    allow_nonfinite: bool = False,
 ) -> MergePlan:
     """Open the config's checkpoints and check everything that needs no weight data."""
     method = get_method(config.merge_method)
@@ -160,7 +167,12 @@ def plan_merge(
             n_layers=num_layers(reference.config, layout.names),
             out_dtype=config.out_dtype or config.dtype or layout.storage_dtype,
             seed=seed,
+            allow_nonfinite=allow_nonfinite,
         )
+        try:
+            config.check_slices_cover(plan.n_layers)
+        except ConfigError as exc:
+            raise ConfigError(f"{exc} ({reference.source} has {plan.n_layers})") from None
         _validate_all_tensors(plan)
         return plan
     except BaseException:
@@ -169,21 +181,57 @@ def plan_merge(
         raise
 
 
-def _check_parameter_names(config: MergeConfig, method: MergeMethod) -> None:
-    bad = method.misplaced_param(config.parameters, [m.parameters for m in config.models])
-    if bad is None:
-        return
-    i, name, known = bad
-    listing = ", ".join(p.name for p in method.params) or "none"
-    where = f"{config.source}: " + ("" if i is None else f"models[{i}].") + f"parameters.{name}"
-    if known:
-        raise ConfigError(
-            f"{where}: {name!r} is a global parameter of {method.name}; put it under the "
-            "top-level 'parameters'"
-        )
-    raise ConfigError(
-        f"{where}: {method.name} has no parameter {name!r} (its parameters: {listing})"
-    )
+def _parameter_places(config: MergeConfig) -> list[tuple[str, dict[str, Any], bool]]:
+    """Every ``parameters`` mapping of the config: (its dotted path, it, whether per model)."""
+    places = [("parameters", config.parameters, False)]
+    places += [(f"models[{i}].parameters", m.parameters, True) for i, m in enumerate(config.models)]
+    for k, sl in enumerate(config.slices):
+        places.append((f"slices[{k}].parameters", sl.parameters, False))
+        places += [
+            (f"slices[{k}].sources[{j}].parameters", src.parameters, True)
+            for j, src in enumerate(sl.sources)
+        ]
+    return places
+
+
+def _check_parameter_names(config: MergeConfig, method: MergeMethod) -> list[str]:
+    """Errors for names no method knows (with a did-you-mean) and global parameters set per
+    model; a parameter only other methods use (``gamma`` under ``task_arithmetic``: configs are
+    copied between methods) is ignored, as mergekit does, with a warning naming it. Returns
+    the warnings."""
+    own = {p.name: p for p in method.params}
+    users: dict[str, list[str]] = {}
+    for m in METHODS.values():
+        for p in m.params:
+            users.setdefault(p.name, []).append(m.name)
+    listing = ", ".join(own) or "none"
+    warnings: list[str] = []
+    for place, params, per_model in _parameter_places(config):
+        for name in params:
+            where = f"{config.source}: {place}.{name}"
+            if name in own:
+                if per_model and not own[name].per_model:
+                    raise ConfigError(
+                        f"{where}: {name!r} is a global parameter of {method.name}; put it "
+                        "under the top-level 'parameters'"
+                    )
+                continue
+            if name in users:
+                text = (
+                    f"{where}: {method.name} does not use {name!r} (a parameter of "
+                    f"{', '.join(users[name])}); ignored, as mergekit does"
+                )
+                log.warning(text)
+                warnings.append(text)
+                continue
+            hint = difflib.get_close_matches(str(name), list(own), n=1) or (
+                difflib.get_close_matches(str(name), list(users), n=1)
+            )
+            did = f" (did you mean {hint[0]!r}?)" if hint else ""
+            raise ConfigError(
+                f"{where}: {method.name} has no parameter {name!r}{did} (its parameters: {listing})"
+            )
+    return warnings
 
 
 def _validate_all_tensors(plan: MergePlan) -> None:
@@ -224,13 +272,28 @@ def merge_to_folder(
     max_shard_bytes: int = DEFAULT_SHARD_BYTES,
     seed: int = 0,
     progress: bool = False,
+    allow_nonfinite: bool = False,
 ) -> Path:
-    """Merge per ``config`` and save an HF folder at ``out_dir`` (atomically)."""
+    """Merge per ``config`` and save an HF folder at ``out_dir`` (atomically).
+
+    ``overwrite`` replaces only an earlier merge's folder, never one holding the config or an
+    input model (see ``export.check_replaceable``); ``allow_nonfinite`` merges NaN/Inf inputs
+    instead of stopping at the first such tensor."""
     plan = plan_merge(
-        config, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code, seed=seed
+        config,
+        allow_pickle=allow_pickle,
+        trust_remote_code=trust_remote_code,
+        seed=seed,
+        allow_nonfinite=allow_nonfinite,
     )
     try:
-        with ModelFolderWriter(out_dir, max_shard_bytes=max_shard_bytes, overwrite=overwrite) as w:
+        writer = ModelFolderWriter(
+            out_dir,
+            max_shard_bytes=max_shard_bytes,
+            overwrite=overwrite,
+            protect=_protected_paths(plan),
+        )
+        with writer as w:
             for name, tensor in plan.iter_tensors(progress=progress):
                 w.add(name, tensor)
             w.copy_support_files(plan.reference.folder, dtype=plan.out_dtype)
@@ -248,6 +311,20 @@ def merge_to_folder(
             return w.commit()
     finally:
         plan.close()
+
+
+def _protected_paths(plan: MergePlan) -> list[tuple[Path, str]]:
+    """What an ``--overwrite`` of the output must never delete: the config and the inputs."""
+    out: list[tuple[Path, str]] = []
+    if Path(plan.config.source).is_file():
+        out.append((Path(plan.config.source), "the merge config"))
+    for ckpt in [*plan.models, plan.reference, plan.base]:
+        if ckpt is not None:
+            out.append((ckpt.folder or ckpt.path, f"input model {ckpt.source!r}"))
+    tok = plan.config.tokenizer_source
+    if tok not in (None, "base") and Path(tok).is_dir():
+        out.append((Path(tok), "the tokenizer_source folder"))
+    return out
 
 
 def _tokenizer_folder(plan: MergePlan) -> Path | None:

@@ -199,6 +199,23 @@ class Checkpoint:
                 "The file may have changed or be damaged since it was opened; re-download it."
             ) from e
 
+    def file_of(self, name: str) -> Path:
+        """The weight file that holds tensor ``name`` (for error messages)."""
+        return self._entry(name).file
+
+    def check_finite(self, name: str, tensor: torch.Tensor) -> None:
+        """CheckpointError naming file, tensor and count if ``tensor`` (read from this
+        checkpoint as ``name``) holds NaN or Inf: merged or compared, such values silently
+        poison the result (a NaN merge, ``nan`` kinship)."""
+        if not tensor.is_floating_point() or bool(torch.isfinite(tensor).all()):
+            return
+        bad = tensor.numel() - int(torch.isfinite(tensor).sum())
+        raise CheckpointError(
+            f"{self.file_of(name)}: tensor {name!r} of {self.source!r} has {bad:,} non-finite "
+            f"values (NaN or Inf) out of {tensor.numel():,}; the result would be NaN. Repair or "
+            "re-download the checkpoint, or pass --allow-nonfinite to use it anyway"
+        )
+
     def close(self) -> None:
         """Release open file handles; the checkpoint can still be used and reopens them."""
         with self._lock:
