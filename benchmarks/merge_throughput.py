@@ -24,6 +24,7 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
+from evoray.merge import interpolation
 from evoray.merge import operators as ops
 
 
@@ -67,8 +68,8 @@ def main(argv: list[str] | None = None) -> None:
             lambda **kw: ops.breadcrumbs(base, models, w, dens, [0.01] * k, **kw),
             k + 1,
         ),
-        "slerp": (lambda **kw: ops.slerp(0.4, base, models[0], **kw), 2),
-        "model_stock": (lambda **kw: ops.model_stock(base, models, **kw), k + 1),
+        "slerp": (lambda **kw: interpolation.slerp(0.4, base, models[0], **kw), 2),
+        "model_stock": (lambda **kw: interpolation.model_stock(base, models, **kw), k + 1),
     }
     if args.methods:
         wanted = args.methods.split(",")

@@ -11,8 +11,10 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from evoray.errors import ConfigError
+from evoray.merge import interpolation
 from evoray.merge import operators as ops
 from evoray.merge import sparsify as sp
+from evoray.merge.interpolation import model_stock, slerp
 from evoray.merge.operators import (
     breadcrumbs,
     breadcrumbs_ties,
@@ -20,8 +22,6 @@ from evoray.merge.operators import (
     dare_ties,
     generalized_task_arithmetic,
     linear,
-    model_stock,
-    slerp,
     task_arithmetic,
     ties,
 )
@@ -732,7 +732,7 @@ def test_out_buffer_reused():
         lambda **kw: breadcrumbs(base, models, w, [0.5, 0.5], [0.1, 0.1], **kw),
         lambda **kw: slerp(0.3, base, models[0], **kw),
         lambda **kw: model_stock(base, models, filter_wise=True, **kw),
-        lambda **kw: ops.lerp(0.3, base, models[0], **kw),
+        lambda **kw: interpolation.lerp(0.3, base, models[0], **kw),
     ]
     buf = torch.full((24,), float("nan"))
     for f in calls:

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from evoray.errors import ConfigError
-from evoray.merge.flat import merge_flat
+from evoray.merge.walker import merge_flat
 from evoray.population.mergers import make_merger
 from evoray.strategies import REGISTRY, get_strategy, names
 from evoray.strategies.base import (

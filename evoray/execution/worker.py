@@ -237,7 +237,7 @@ class OffspringWorker:
 
     def _merge_into_buffer(self, method, model_settings, settings, base, members) -> None:
         from evoray.config.merge_config import num_layers
-        from evoray.merge.flat import merge_flat
+        from evoray.merge.walker import merge_flat
 
         layout = self.spec.layout
         merged = merge_flat(

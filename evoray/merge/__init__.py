@@ -1,26 +1,18 @@
 """Merge operators (pure tensor functions) and the merge-method registry."""
 
+from evoray.merge.interpolation import lerp, model_stock, slerp
+from evoray.merge.method import REQUIRED, MergeMethod, ParamDef, derive_seed
 from evoray.merge.operators import (
     breadcrumbs,
     breadcrumbs_ties,
     dare_linear,
     dare_ties,
     generalized_task_arithmetic,
-    lerp,
     linear,
-    model_stock,
-    slerp,
     task_arithmetic,
     ties,
 )
-from evoray.merge.registry import (
-    METHODS,
-    REQUIRED,
-    MergeMethod,
-    ParamDef,
-    derive_seed,
-    get_method,
-)
+from evoray.merge.registry import METHODS, get_method
 
 __all__ = [
     "METHODS",

@@ -45,6 +45,15 @@ import torch
 from torch import Tensor
 
 from evoray.errors import ConfigError
+from evoray.merge.checks import (
+    check_finite,
+    check_len,
+    check_tensors,
+    check_unit,
+    flatten_view,
+    output_buffer,
+    scaled_into,
+)
 from evoray.merge.sparsify import (
     DeltaSource,
     Plan,
@@ -54,110 +63,19 @@ from evoray.merge.sparsify import (
 )
 
 __all__ = [
-    "DOT_THRESHOLD",
     "breadcrumbs",
     "breadcrumbs_ties",
     "dare_linear",
     "dare_ties",
     "generalized_task_arithmetic",
-    "lerp",
     "linear",
-    "model_stock",
-    "slerp",
     "task_arithmetic",
     "ties",
 ]
 
-DOT_THRESHOLD = 0.9995
-"""mergekit's slerp colinearity threshold: above it, slerp falls back to lerp."""
-
 CONSENSUS_METHODS = ("sum", "count")
 
 log = logging.getLogger(__name__)
-
-
-# --------------------------------------------------------------------------- validation helpers
-
-
-def _check_tensors(method: str, tensors: Sequence[Tensor], base: Tensor | None) -> None:
-    if len(tensors) == 0:
-        raise ValueError(f"{method}: needs at least one tensor to merge")
-    ref = base if base is not None else tensors[0]
-    for i, t in enumerate(tensors):
-        if t.shape != ref.shape:
-            raise ValueError(
-                f"{method}: tensor #{i} has shape {tuple(t.shape)}, expected {tuple(ref.shape)}"
-            )
-        if t.device != ref.device:
-            raise ValueError(f"{method}: tensor #{i} is on {t.device}, expected {ref.device}")
-    for i, t in enumerate([*tensors, *([] if base is None else [base])]):
-        if not t.is_floating_point():
-            raise ValueError(f"{method}: tensor #{i} has non-float dtype {t.dtype}")
-
-
-def _check_len(method: str, name: str, values: Sequence, n: int) -> None:
-    if len(values) != n:
-        raise ValueError(f"{method}: got {len(values)} {name} for {n} models")
-
-
-def _check_finite(method: str, name: str, value: float) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise ConfigError(f"{method}: parameter '{name}' must be a finite number, got {value!r}")
-
-
-def _check_unit(method: str, name: str, value: float, *, open_low: bool) -> None:
-    _check_finite(method, name, value)
-    ok = (0 < value <= 1) if open_low else (0 <= value <= 1)
-    if not ok:
-        interval = "(0, 1]" if open_low else "[0, 1]"
-        raise ConfigError(f"{method}: parameter '{name}' must be in {interval}, got {value!r}")
-
-
-def _output(out: Tensor | None, ref: Tensor, inputs: Sequence[Tensor], method: str) -> Tensor:
-    """The flat float32 result buffer: ``out`` when given (a scratch buffer the caller reuses,
-    which saves the page faults of a fresh allocation on every call), else a new tensor."""
-    n = ref.numel()
-    if out is None:
-        return torch.empty(n, dtype=torch.float32, device=ref.device)
-    if (
-        out.dtype != torch.float32
-        or out.device != ref.device
-        or out.numel() != n
-        or not out.is_contiguous()
-    ):
-        raise ValueError(
-            f"{method}: out must be a contiguous float32 tensor of {n} elements on {ref.device}, "
-            f"got {out.dtype} {tuple(out.shape)} on {out.device}"
-        )
-    st = out.untyped_storage()
-    o_lo, o_hi = st.data_ptr(), st.data_ptr() + st.nbytes()
-    for t in inputs:
-        ts = t.untyped_storage()
-        if ts.data_ptr() < o_hi and o_lo < ts.data_ptr() + ts.nbytes():
-            raise ValueError(f"{method}: out must not share memory with an input")
-    return out.view(-1)
-
-
-def _flat(t: Tensor) -> Tensor:
-    return t.reshape(-1)
-
-
-def _f32_chunk(src: Tensor, buf: Tensor) -> Tensor:
-    """``src`` as float32: a view when it already is, else converted into ``buf``."""
-    if src.dtype == torch.float32:
-        return src
-    return buf[: src.numel()].copy_(src)
-
-
-def _scaled_into(out: Tensor, src: Tensor, alpha: float) -> None:
-    """``out = alpha * src`` computed in float32 (``torch.mul(bf16, s, out=f32)`` would round the
-    product in bfloat16 first)."""
-    if src.dtype == torch.float32:
-        torch.mul(src, alpha, out=out)
-    else:
-        out.copy_(src)
-        if alpha != 1.0:
-            out.mul_(alpha)
 
 
 # --------------------------------------------------------------------------------------- linear
@@ -173,10 +91,10 @@ def linear(
     """Weighted sum of the tensors, divided by ``sum(weights)`` if ``normalize`` (mergekit
     ``linear``; ``normalize`` defaults to True there too)."""
     method = "linear"
-    _check_tensors(method, tensors, None)
-    _check_len(method, "weights", weights, len(tensors))
+    check_tensors(method, tensors, None)
+    check_len(method, "weights", weights, len(tensors))
     for w in weights:
-        _check_finite(method, "weight", w)
+        check_finite(method, "weight", w)
     ws = [float(w) for w in weights]
     if normalize:
         total = math.fsum(ws)
@@ -187,14 +105,14 @@ def linear(
             )
         ws = [w / total for w in ws]
     shape = tensors[0].shape
-    flats = [_flat(t) for t in tensors]
+    flats = [flatten_view(t) for t in tensors]
     n = flats[0].numel()
-    out = _output(out, flats[0], tensors, method)
+    out = output_buffer(out, flats[0], tensors, method)
     chunk = chunk_elems(out.device)
     for s in range(0, n, chunk):
         e = min(s + chunk, n)
         acc = out[s:e]
-        _scaled_into(acc, flats[0][s:e], ws[0])
+        scaled_into(acc, flats[0][s:e], ws[0])
         for f, w in zip(flats[1:], ws[1:], strict=True):
             acc.add_(f[s:e], alpha=w)
     return out.view(shape)
@@ -220,29 +138,29 @@ def generalized_task_arithmetic(
     ``sparsifiers[i]`` sparsifies model ``i``'s task vector (None: keep it whole); ``consensus``
     is None (plain sum), ``"sum"`` (TIES) or ``"count"``. ``method`` only labels errors.
     """
-    _check_tensors(method, tensors, base)
+    check_tensors(method, tensors, base)
     k = len(tensors)
-    _check_len(method, "weights", weights, k)
+    check_len(method, "weights", weights, k)
     if sparsifiers is None:
         sparsifiers = [None] * k
-    _check_len(method, "sparsifiers", sparsifiers, k)
+    check_len(method, "sparsifiers", sparsifiers, k)
     if consensus is not None and consensus not in CONSENSUS_METHODS:
         raise ConfigError(
             f"{method}: consensus must be one of {', '.join(CONSENSUS_METHODS)} or None, "
             f"got {consensus!r}"
         )
     for w in weights:
-        _check_finite(method, "weight", w)
-    _check_finite(method, "lambda", lambda_)
+        check_finite(method, "weight", w)
+    check_finite(method, "lambda", lambda_)
     ws = [float(w) for w in weights]
 
     shape = base.shape
     device = base.device
-    base_f = _flat(base)
-    flats = [_flat(t) for t in tensors]
+    base_f = flatten_view(base)
+    flats = [flatten_view(t) for t in tensors]
     n = base_f.numel()
     chunk = chunk_elems(device)
-    out = _output(out, base, [base, *tensors], method)
+    out = output_buffer(out, base, [base, *tensors], method)
     if n == 0:
         return out.view(shape)
 
@@ -361,11 +279,11 @@ def _sparsifiers(
 ) -> list[Sparsifier]:
     res = []
     for i, dens in enumerate(densities):
-        _check_unit(method, "density", dens, open_low=True)
+        check_unit(method, "density", dens, open_low=True)
         gamma = 0.0
         if gammas is not None:
             gamma = gammas[i]
-            _check_unit(method, "gamma", gamma, open_low=False)
+            check_unit(method, "gamma", gamma, open_low=False)
         seed = 0 if seeds is None else int(seeds[i])
         res.append(Sparsifier(kind, float(dens), rescale, gamma=float(gamma), seed=seed))
     return res
@@ -408,7 +326,7 @@ def ties(
 ) -> Tensor:
     """TIES: magnitude-trim each task vector to ``density``, elect signs, disjoint (weighted)
     mean (mergekit ``ties``: normalize True, rescale False)."""
-    _check_len("ties", "densities", densities, len(tensors))
+    check_len("ties", "densities", densities, len(tensors))
     sps = _sparsifiers("ties", SparsificationMethod.magnitude, densities, rescale=rescale)
     return generalized_task_arithmetic(
         base,
@@ -437,8 +355,8 @@ def dare_linear(
 ) -> Tensor:
     """DARE: random drop to ``density`` and rescale, then a weighted sum (mergekit
     ``dare_linear``: normalize False, rescale True)."""
-    _check_len("dare_linear", "densities", densities, len(tensors))
-    _check_len("dare_linear", "seeds", seeds, len(tensors))
+    check_len("dare_linear", "densities", densities, len(tensors))
+    check_len("dare_linear", "seeds", seeds, len(tensors))
     sps = _sparsifiers(
         "dare_linear", SparsificationMethod.random, densities, rescale=rescale, seeds=seeds
     )
@@ -469,8 +387,8 @@ def dare_ties(
 ) -> Tensor:
     """DARE drop-and-rescale with TIES sign election (mergekit ``dare_ties``: normalize False,
     rescale True)."""
-    _check_len("dare_ties", "densities", densities, len(tensors))
-    _check_len("dare_ties", "seeds", seeds, len(tensors))
+    check_len("dare_ties", "densities", densities, len(tensors))
+    check_len("dare_ties", "seeds", seeds, len(tensors))
     sps = _sparsifiers(
         "dare_ties", SparsificationMethod.random, densities, rescale=rescale, seeds=seeds
     )
@@ -501,8 +419,8 @@ def breadcrumbs(
 ) -> Tensor:
     """Model Breadcrumbs: drop the ``gamma`` largest and the smallest magnitudes down to
     ``density``, then a weighted sum (mergekit ``breadcrumbs``: normalize/rescale False)."""
-    _check_len("breadcrumbs", "densities", densities, len(tensors))
-    _check_len("breadcrumbs", "gammas", gammas, len(tensors))
+    check_len("breadcrumbs", "densities", densities, len(tensors))
+    check_len("breadcrumbs", "gammas", gammas, len(tensors))
     sps = _sparsifiers(
         "breadcrumbs",
         SparsificationMethod.magnitude_outliers,
@@ -537,8 +455,8 @@ def breadcrumbs_ties(
 ) -> Tensor:
     """Breadcrumbs sparsification with TIES sign election (mergekit ``breadcrumbs_ties``:
     normalize/rescale False)."""
-    _check_len("breadcrumbs_ties", "densities", densities, len(tensors))
-    _check_len("breadcrumbs_ties", "gammas", gammas, len(tensors))
+    check_len("breadcrumbs_ties", "densities", densities, len(tensors))
+    check_len("breadcrumbs_ties", "gammas", gammas, len(tensors))
     sps = _sparsifiers(
         "breadcrumbs_ties",
         SparsificationMethod.magnitude_outliers,
@@ -557,199 +475,3 @@ def breadcrumbs_ties(
         method="breadcrumbs_ties",
         out=out,
     )
-
-
-# ---------------------------------------------------------------------------------------- slerp
-
-
-def _stream_pair(a: Tensor, b: Tensor, chunk: int):
-    """Yield float32 chunk views/copies of two flat tensors."""
-    n = a.numel()
-    m = min(chunk, n)
-    abuf = (
-        torch.empty(m, dtype=torch.float32, device=a.device) if a.dtype != torch.float32 else None
-    )
-    bbuf = (
-        torch.empty(m, dtype=torch.float32, device=a.device) if b.dtype != torch.float32 else None
-    )
-    for s in range(0, n, chunk):
-        e = min(s + chunk, n)
-        ac = a[s:e] if abuf is None else abuf[: e - s].copy_(a[s:e])
-        bc = b[s:e] if bbuf is None else bbuf[: e - s].copy_(b[s:e])
-        yield s, e, ac, bc
-
-
-def _combine2(
-    v0: Tensor, v1: Tensor, s0: float, s1: float, shape: torch.Size, out: Tensor
-) -> Tensor:
-    """``s0 * v0 + s1 * v1`` in float32 into flat ``out``, skipping a zero coefficient (so ``t``
-    of exactly 0 or 1 returns the endpoint bit for bit)."""
-    n = v0.numel()
-    chunk = chunk_elems(v0.device)
-    for s in range(0, n, chunk):
-        e = min(s + chunk, n)
-        acc = out[s:e]
-        if s0 == 0.0:
-            _scaled_into(acc, v1[s:e], s1)
-        else:
-            _scaled_into(acc, v0[s:e], s0)
-            if s1 != 0.0:
-                acc.add_(v1[s:e], alpha=s1)
-    return out.view(shape)
-
-
-def lerp(t: float, v0: Tensor, v1: Tensor, *, out: Tensor | None = None) -> Tensor:
-    """``(1 - t) * v0 + t * v1`` in float32."""
-    _check_tensors("lerp", [v1], v0)
-    buf = _output(out, v0, [v0, v1], "lerp")
-    return _combine2(_flat(v0), _flat(v1), 1.0 - t, t, v0.shape, buf)
-
-
-def slerp(
-    t: float,
-    v0: Tensor,
-    v1: Tensor,
-    *,
-    dot_threshold: float = DOT_THRESHOLD,
-    eps: float = 1e-8,
-    out: Tensor | None = None,
-) -> Tensor:
-    """Spherical interpolation of two whole tensors (mergekit ``slerp``).
-
-    The angle is taken between the flattened tensors, each normalised only if its norm exceeds
-    ``eps``; if ``|cos| > dot_threshold`` the vectors are ~colinear and lerp is used. ``t = 0``
-    gives ``v0`` (the base model), ``t = 1`` gives ``v1``.
-    """
-    _check_tensors("slerp", [v1], v0)
-    _check_finite("slerp", "t", t)
-    buf = _output(out, v0, [v0, v1], "slerp")
-    a, b = _flat(v0), _flat(v1)
-    dot = sq0 = sq1 = 0.0
-    for _, _, ac, bc in _stream_pair(a, b, chunk_elems(a.device)):
-        dot += float(torch.dot(ac, bc))
-        sq0 += float(torch.dot(ac, ac))
-        sq1 += float(torch.dot(bc, bc))
-    n0, n1 = math.sqrt(sq0), math.sqrt(sq1)
-    cos = dot / ((n0 if n0 > eps else 1.0) * (n1 if n1 > eps else 1.0))
-    if abs(cos) > dot_threshold:
-        return _combine2(a, b, 1.0 - t, t, v0.shape, buf)
-    theta_0 = math.acos(cos)
-    sin_theta_0 = math.sin(theta_0)
-    theta_t = theta_0 * t
-    s0 = math.sin(theta_0 - theta_t) / sin_theta_0
-    s1 = math.sin(theta_t) / sin_theta_0
-    return _combine2(a, b, s0, s1, v0.shape, buf)
-
-
-# ---------------------------------------------------------------------------------- model_stock
-
-
-def _stock_t(cos: Tensor, n_models: int) -> Tensor:
-    """Model Stock's interpolation ratio ``t = N cos / (1 + (N - 1) cos)``.
-
-    The denominator vanishes for exactly opposed offsets (``cos = -1 / (N - 1)``, common for
-    tiny tensors such as a binary classifier's bias, whose deltas are collinear), where mergekit
-    silently writes inf/nan. There we use ``t = 0``, the base, and log a warning.
-    """
-    denom = 1 + (n_models - 1) * cos
-    degenerate = denom.abs() < 1e-6
-    t = torch.where(degenerate, torch.zeros_like(cos), n_models * cos / denom.where(~degenerate, 1))
-    if bool(degenerate.any()):
-        log.warning(
-            "model_stock: fine-tunes' offsets are exactly opposed (mean cosine -1/(N-1), N=%d) "
-            "for %d of %d rows; keeping the base there",
-            n_models,
-            int(degenerate.sum()),
-            degenerate.numel(),
-        )
-    return t
-
-
-def model_stock(
-    base: Tensor,
-    tensors: Sequence[Tensor],
-    *,
-    filter_wise: bool = False,
-    out: Tensor | None = None,
-) -> Tensor:
-    """Model Stock (mergekit ``model_stock``): move from the base towards the average of the
-    fine-tunes by ``t = N cos / (1 + (N - 1) cos)``, ``cos`` the mean pairwise cosine of their
-    offsets from the base (per row of the last dimension if ``filter_wise``; norm products are
-    clamped to >= 1e-6 and cosines to [-1, 1] as in mergekit). Needs at least two fine-tunes.
-    """
-    method = "model_stock"
-    _check_tensors(method, tensors, base)
-    k = len(tensors)
-    if k < 2:
-        raise ValueError(f"{method}: needs at least 2 models besides the base, got {k}")
-    result = _output(out, base, [base, *tensors], method)
-    if filter_wise:
-        return _model_stock_rows(base, tensors, result)
-    base_f = _flat(base)
-    flats = [_flat(t) for t in tensors]
-    n = base_f.numel()
-    device = base.device
-    chunk = chunk_elems(device)
-    m = max(1, min(chunk, n))
-    bufs = [torch.empty(m, dtype=torch.float32, device=device) for _ in range(k)]
-    base_buf = torch.empty(m, dtype=torch.float32, device=device)
-    sq = [0.0] * k
-    dots = {(i, j): 0.0 for i in range(k) for j in range(i + 1, k)}
-    for s in range(0, n, chunk):
-        e = min(s + chunk, n)
-        b = _f32_chunk(base_f[s:e], base_buf)
-        offs = []
-        for f, buf in zip(flats, bufs, strict=True):
-            o = buf[: e - s]
-            torch.sub(f[s:e], b, out=o)
-            offs.append(o)
-        for i in range(k):
-            sq[i] += float(torch.dot(offs[i], offs[i]))
-        for i, j in dots:
-            dots[i, j] += float(torch.dot(offs[i], offs[j]))
-    cosines = []
-    for (i, j), d in dots.items():
-        c = d / max(math.sqrt(sq[i]) * math.sqrt(sq[j]), 1e-6)
-        cosines.append(min(1.0, max(-1.0, c)))
-    cos = sum(cosines) / len(cosines)
-    t = float(_stock_t(torch.tensor(cos), k))
-    # w_h = t * mean(ws) + (1 - t) * w_0
-    for s in range(0, n, chunk):
-        e = min(s + chunk, n)
-        acc = result[s:e]
-        _scaled_into(acc, base_f[s:e], 1.0 - t)
-        for f in flats:
-            acc.add_(f[s:e], alpha=t / k)
-    return result.view(base.shape)
-
-
-def _model_stock_rows(base: Tensor, tensors: Sequence[Tensor], out: Tensor) -> Tensor:
-    """Filter-wise Model Stock: one ``t`` per vector along the last dimension (a 0-d or 1-d
-    tensor is a single row, as mergekit treats biases)."""
-    k = len(tensors)
-    cols = base.shape[-1] if base.dim() >= 1 else 1
-    rows = base.numel() // cols if cols else 0
-    device = base.device
-    if base.numel() == 0:
-        return out.view(base.shape)
-    base_r = base.reshape(rows, cols)
-    rs = [t.reshape(rows, cols) for t in tensors]
-    out_r = out.view(rows, cols)
-    block = max(1, chunk_elems(device) // cols)
-    pairs = [(i, j) for i in range(k) for j in range(i + 1, k)]
-    for r0 in range(0, rows, block):
-        r1 = min(r0 + block, rows)
-        b = base_r[r0:r1].float()
-        offs = [torch.sub(x[r0:r1], b) for x in rs]  # float32 via promotion with b
-        norms = [o.norm(dim=-1) for o in offs]
-        cos = torch.zeros(r1 - r0, dtype=torch.float32, device=device)
-        for i, j in pairs:
-            c = (offs[i] * offs[j]).sum(dim=-1) / (norms[i] * norms[j]).clamp(min=1e-6)
-            cos.add_(c.clamp_(-1, 1))
-        cos.div_(len(pairs))
-        t = _stock_t(cos, k).unsqueeze(-1)
-        acc = out_r[r0:r1]
-        torch.mul(b, 1 - t, out=acc)
-        for x in rs:
-            acc.addcmul_(x[r0:r1].float(), t, value=1.0 / k)
-    return out.view(base.shape)

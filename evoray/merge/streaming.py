@@ -13,6 +13,7 @@ import difflib
 import logging
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +23,7 @@ from tqdm.auto import tqdm
 from evoray.config.merge_config import MergeConfig, num_layers
 from evoray.errors import CheckpointError, ConfigError
 from evoray.merge import METHODS, MergeMethod, get_method
+from evoray.merge.walker import TensorMerge
 from evoray.weights.checkpoint import Checkpoint, open_checkpoint
 from evoray.weights.export import ModelFolderWriter
 from evoray.weights.layout import Layout, check_same_architecture
@@ -47,25 +49,19 @@ class MergePlan:
     allow_nonfinite: bool = False  # else a NaN/Inf input tensor stops the merge, named
     _scratch: torch.Tensor | None = field(default=None, repr=False)
 
+    @cached_property
+    def walker(self) -> TensorMerge:
+        return TensorMerge(
+            config=self.config,
+            method=self.method,
+            n_layers=self.n_layers,
+            model_indices=tuple(self.model_indices),
+            seed=self.seed,
+        )
+
     def parameters(self, tensor_name: str) -> tuple[list[dict[str, Any]], dict[str, Any]]:
         """Per-model and global parameter values for one tensor (gradients and filters applied)."""
-        t, k = self.config.locate(tensor_name, self.n_layers)
-        model_params: list[dict[str, Any]] = [{} for _ in self.models]
-        params: dict[str, Any] = {}
-        for p in self.method.params:
-            # Global values go to the method as defaults, so it validates them even where
-            # every model overrides them (a typo there should not pass silently).
-            value = self.config.global_parameter(p.name, tensor_name, t, slice_index=k)
-            if value is not None:
-                params[p.name] = value
-            if p.per_model:
-                for j, i in enumerate(self.model_indices):
-                    value = self.config.model_parameter(
-                        p.name, i, tensor_name, t, fallback=False, slice_index=k
-                    )
-                    if value is not None:
-                        model_params[j][p.name] = value
-        return model_params, params
+        return self.walker.parameters(tensor_name)
 
     def merge_tensor(self, name: str) -> torch.Tensor:
         """Read one tensor from every input, merge it, return it in the output dtype.
@@ -74,17 +70,13 @@ class MergePlan:
         allocation per tensor costs as much in page faults as the merge itself), so the
         returned tensor is only valid until the next call: the writer copies it.
         """
-        model_params, params = self.parameters(name)
         base = self._read(self.base, name) if self.base is not None else None
         tensors = [self._read(c, name) for c in self.models]
         slot = self.layout.slot(name)
         if self._scratch is None:
             self._scratch = torch.empty(max(s.numel for s in self.layout.slots))
         out = self._scratch[: slot.numel].view(slot.shape)
-        merged = self.method.merge(
-            tensors, base, model_params, params, seed=self.seed, tensor_name=name, out=out
-        )
-        return merged.to(self.out_dtype)
+        return self.walker.merge(name, tensors, base, out=out).to(self.out_dtype)
 
     def _read(self, ckpt: Checkpoint, name: str) -> torch.Tensor:
         t = ckpt.get(name)
