@@ -66,7 +66,7 @@ def _cmd_zoo_build(args: argparse.Namespace) -> int:
 def _cmd_run(args: argparse.Namespace) -> int:
     import yaml
 
-    from evoray.config.merge_config import read_yaml
+    from evoray.config.reading import read_yaml
     from evoray.config.run_config import RunConfig
     from evoray.errors import ConfigError
 

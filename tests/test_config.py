@@ -6,15 +6,9 @@ import pytest
 import torch
 import yaml
 
-from evoray.config.merge_config import (
-    MergeConfig,
-    evaluate_setting,
-    layer_index,
-    num_layers,
-    parse_dtype,
-    tensor_position,
-)
+from evoray.config.merge_config import MergeConfig, evaluate_setting, parse_dtype
 from evoray.errors import ConfigError
+from evoray.weights.layers import layer_index, num_layers, tensor_position
 
 
 def cfg(**kw):

@@ -10,13 +10,13 @@ import numpy as np
 import pytest
 import torch
 
-from evoray.config.merge_config import layer_index
 from evoray.errors import EvorayError, LayoutError
 from evoray.kinship.cli import add_kinship_parser
 from evoray.kinship.matrix import GramSums, KinshipResult, heatmap, kinship_matrix, layer_group
 from evoray.kinship.metrics import kinship_flat
 from evoray.weights import checkpoint as checkpoint_mod
 from evoray.weights.checkpoint import open_checkpoint
+from evoray.weights.layers import layer_index
 from tests.factories import make_tiny_model
 
 METRICS = ("pearson", "cosine", "euclidean")

@@ -13,9 +13,7 @@ unknown top-level keys, which hides typos such as ``paramters``).
 
 from __future__ import annotations
 
-import difflib
 import math
-import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,7 +22,9 @@ from typing import Any
 import torch
 import yaml
 
+from evoray.config.reading import read_yaml, unknown_key
 from evoray.errors import ConfigError
+from evoray.weights.layers import before_blocks, layer_index, tensor_position
 
 SUPPORTED_KEYS = {
     "merge_method": "the merge method name, e.g. ties",
@@ -56,32 +56,6 @@ DTYPES = {
 }
 
 Setting = Any  # number | bool | str | list[number] | list[{filter, value}] | {filter, value}
-
-
-def read_yaml(path: str | Path, what: str) -> Any:
-    """Parse a YAML file; a missing file or bad YAML is a ConfigError naming the path."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"{what} {path} not found")
-    try:
-        return yaml.safe_load(path.read_text())
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
-
-
-def unknown_key(key: Any, allowed: Any, where: str) -> ConfigError:
-    """The error for a key not in ``allowed``, with a did-you-mean hint (``where`` names it)."""
-    hint = difflib.get_close_matches(str(key), list(allowed), n=1)
-    did = f" (did you mean '{hint[0]}'?)" if hint else ""
-    return ConfigError(f"{where}{did}; allowed: {', '.join(allowed)}")
-
-
-def check_keys(data: Any, allowed: Any, source: str, prefix: str) -> None:
-    """ConfigError for the first key of mapping ``data`` not in ``allowed`` ('s.yml: unknown
-    key 'fusion.lamb' (did you mean 'lam'?)'); ``prefix`` is the dotted path of the section."""
-    for key in data:
-        if key not in allowed:
-            raise unknown_key(key, allowed, f"{source}: unknown key '{prefix}{key}'")
 
 
 def parse_dtype(value: str | None, *, field_name: str) -> torch.dtype | None:
@@ -435,44 +409,3 @@ def _resolve_ref(value: str, root: Path | None) -> str:
         return value
     candidate = root / value
     return str(candidate) if candidate.exists() else value
-
-
-_LAYER_RE = re.compile(r"(?:^|\.)(?:layers|layer|h|blocks|block)\.(\d+)\.")
-_PRE_RE = re.compile(r"embed|wte|wpe|word_embeddings|position_embeddings|token_type")
-NUM_LAYER_KEYS = ("num_hidden_layers", "n_layer", "num_layers", "n_layers")
-
-
-def layer_index(tensor_name: str) -> int | None:
-    """Index of the transformer block a tensor belongs to, or None for embeddings and heads."""
-    m = _LAYER_RE.search(tensor_name)
-    return int(m.group(1)) if m else None
-
-
-def num_layers(config: Mapping[str, Any] | None, tensor_names: list[str]) -> int:
-    """Layer count from the HF config, else from the tensor names."""
-    for key in NUM_LAYER_KEYS:
-        if config and isinstance(config.get(key), int):
-            return config[key]
-    indices = [i for i in map(layer_index, tensor_names) if i is not None]
-    return max(indices) + 1 if indices else 0
-
-
-def before_blocks(tensor_name: str) -> bool:
-    """True for a tensor that sits before the first block (token/position embeddings)."""
-    return layer_index(tensor_name) is None and bool(_PRE_RE.search(tensor_name))
-
-
-def tensor_position(tensor_name: str, n_layers: int) -> float:
-    """Gradient position ``t`` of a tensor, as mergekit assigns it.
-
-    Block ``i`` of ``n`` gets ``i / (n - 1)`` (1 when there is a single block). Every tensor
-    outside the blocks gets 0: the embeddings, and also the final norm and heads, because
-    mergekit's planner reads those with the module's ``ConfigReader`` built at ``t=0``
-    (``plan_module`` in mergekit/plan.py), so ``weight: [0.2, 1.0]`` gives lm_head 0.2.
-    """
-    idx = layer_index(tensor_name)
-    if idx is None:
-        return 0.0
-    if n_layers <= 1:
-        return 1.0
-    return min(idx, n_layers - 1) / (n_layers - 1)

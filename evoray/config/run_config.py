@@ -13,7 +13,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from evoray.config.merge_config import check_keys, read_yaml, unknown_key
+from evoray.config.reading import check_keys, read_yaml, unknown_key
 from evoray.errors import ConfigError
 from evoray.strategies import get_strategy
 from evoray.strategies import names as strategy_names

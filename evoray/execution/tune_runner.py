@@ -20,7 +20,6 @@ from typing import Any
 import ray
 from ray import tune
 
-from evoray.config.merge_config import num_layers
 from evoray.config.run_config import RunConfig
 from evoray.execution.monitoring import RunMetrics
 from evoray.execution.pool import WorkerPool, flat_from_ref
@@ -31,6 +30,7 @@ from evoray.strategies import get_strategy
 from evoray.strategies.base import Problem
 from evoray.tasks.evaluation import mean_score
 from evoray.tasks.pool import make_task_pool
+from evoray.weights.layers import num_layers
 from evoray.weights.layout import Layout
 
 log = logging.getLogger(__name__)

@@ -236,8 +236,8 @@ class OffspringWorker:
         }
 
     def _merge_into_buffer(self, method, model_settings, settings, base, members) -> None:
-        from evoray.config.merge_config import num_layers
         from evoray.merge.walker import merge_flat
+        from evoray.weights.layers import num_layers
 
         layout = self.spec.layout
         merged = merge_flat(

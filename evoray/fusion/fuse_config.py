@@ -11,7 +11,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from evoray.config.merge_config import check_keys, read_yaml
+from evoray.config.reading import check_keys, read_yaml
 from evoray.errors import ConfigError
 from evoray.fusion.align import TEACHER_POSITIONS, VOCAB_FALLBACKS
 from evoray.fusion.corpus import ARCHITECTURES

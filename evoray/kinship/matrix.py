@@ -34,10 +34,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from evoray.config.merge_config import before_blocks, layer_index
 from evoray.errors import EvorayError, ray_get
 from evoray.kinship.metrics import KinshipSums
 from evoray.weights.checkpoint import Checkpoint, open_checkpoint
+from evoray.weights.layers import before_blocks, layer_index
 from evoray.weights.layout import Layout
 
 __all__ = [

@@ -20,12 +20,13 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from evoray.config.merge_config import MergeConfig, num_layers
+from evoray.config.merge_config import MergeConfig
 from evoray.errors import CheckpointError, ConfigError
 from evoray.merge import METHODS, MergeMethod, get_method
 from evoray.merge.walker import TensorMerge
 from evoray.weights.checkpoint import Checkpoint, open_checkpoint
 from evoray.weights.export import ModelFolderWriter
+from evoray.weights.layers import num_layers
 from evoray.weights.layout import Layout, check_same_architecture
 
 log = logging.getLogger(__name__)
