@@ -68,15 +68,26 @@ def _tokenizer(spec: ModelSpec, texts: list[str]):
 
 def build_model(spec: ModelSpec, texts: list[str], path: str | Path) -> dict:
     """Build ``spec``'s tokenizer + tiny LM on ``texts``, save it to ``path``, then train it
-    ``spec.steps`` CLM steps in place.  A job for ``run_jobs`` (returns a dict)."""
+    ``spec.steps`` CLM steps in place.  A job for ``run_jobs`` (returns a dict).  A folder
+    already at ``path`` is replaced whole: no file of an earlier build is mixed in."""
     from evoray.fusion.corpus import make_tiny_lm
     from evoray.fusion.train import clm_train, save_model
 
     tok = _tokenizer(spec, texts)
-    path = save_model(make_tiny_lm(tok, spec.seed, spec.hidden, spec.layers, spec.arch), tok, path)
+    model = make_tiny_lm(tok, spec.seed, spec.hidden, spec.layers, spec.arch)
+    path = save_model(model, tok, path, carry_over=False)
     if spec.steps > 0:
         clm_train(path, texts, steps=spec.steps, lr=spec.lr, seed=spec.seed, out_dir=path)
     return {"out_dir": path}
+
+
+def build_texts(spec: ModelSpec, train: list[str], heldout: list[str]) -> list[str]:
+    """What a built model learns from: its own ``domain``'s generated text, else ``train``."""
+    if spec.domain is None:
+        return train
+    from evoray.fusion.corpus import source_texts
+
+    return source_texts(spec.domain, spec.texts or 2000, spec.seed, heldout)
 
 
 def run_fuse(cfg: FuseConfig, out: Path | None = None, report=print) -> dict:
@@ -106,7 +117,11 @@ def run_fuse(cfg: FuseConfig, out: Path | None = None, report=print) -> dict:
     if to_build:
         report(f"building {', '.join(m.name for m, _ in to_build)} ...")
         run_jobs(
-            [(build_model, {"spec": m, "texts": train, "path": f}) for m, f in to_build], **ray_opts
+            [
+                (build_model, {"spec": m, "texts": build_texts(m, train, heldout), "path": f})
+                for m, f in to_build
+            ],
+            **ray_opts,
         )
     paths = [f if m.path is None else m.path for m, f in zip(models, folders, strict=True)]
     src_paths, target = paths[:-1], paths[-1]
@@ -130,6 +145,8 @@ def run_fuse(cfg: FuseConfig, out: Path | None = None, report=print) -> dict:
         "device": fz.device,
         "precision": fz.precision,
         "log_every": max(1, fz.steps // 5),
+        "data_parallel": res.data_parallel,
+        "activation_checkpointing": fz.activation_checkpointing,
     }
     report("building fused teachers ...")
     teachers = build_teachers(
@@ -146,6 +163,8 @@ def run_fuse(cfg: FuseConfig, out: Path | None = None, report=print) -> dict:
         use_ray=cfg.use_ray,
         num_cpus=res.num_cpus,
         report=report,
+        min_vocab_share=fz.min_vocab_share,
+        min_weight=fz.min_weight,
     )
     fused = {"lam": fz.lam, "kind": fz.kind, "temperature": fz.temperature, "teachers": teachers}
     report(f"training target: plain CLM and FuseLLM ({fz.method}, lam={fz.lam:g}) ...")
