@@ -100,8 +100,14 @@ def run_fuse(cfg: FuseConfig, out: Path | None = None, report=print) -> dict:
     from evoray.checkpoint import resolve_model_folder
     from evoray.fusion.corpus import load_corpus
     from evoray.fusion.remote import run_data_parallel, run_jobs
-    from evoray.fusion.sources import extract_all
-    from evoray.fusion.train import build_teachers, clm_train, fuse_train, perplexity_job
+    from evoray.fusion.sources import extract_all, fuse_checkpoint_errors, load_tokenizer
+    from evoray.fusion.train import (
+        build_teachers,
+        clm_train,
+        drop_short_texts,
+        fuse_train,
+        perplexity_job,
+    )
 
     res, fz = cfg.resources, cfg.fusion
     cfg.check_data_parallel()
@@ -110,9 +116,10 @@ def run_fuse(cfg: FuseConfig, out: Path | None = None, report=print) -> dict:
     ray_opts = {"use_ray": cfg.use_ray, "num_cpus": res.num_cpus, "num_gpus": res.num_gpus}
     models = [*cfg.sources, cfg.target]
     folders = [out / "sources" / s.name for s in cfg.sources] + [out / "target_init"]
-    for m in models:  # a missing folder or unknown hub id fails here, before any work
+    for m in models:  # a missing folder, hub id or tokenizer fails here, before any work
         if m.path is not None:
-            resolve_model_folder(m.path)
+            with fuse_checkpoint_errors():
+                load_tokenizer(resolve_model_folder(m.path))
     to_build = [(m, f) for m, f in zip(models, folders, strict=True) if m.path is None]
     if to_build:
         report(f"building {', '.join(m.name for m, _ in to_build)} ...")
@@ -125,6 +132,15 @@ def run_fuse(cfg: FuseConfig, out: Path | None = None, report=print) -> dict:
         )
     paths = [f if m.path is None else m.path for m, f in zip(models, folders, strict=True)]
     src_paths, target = paths[:-1], paths[-1]
+    with fuse_checkpoint_errors():
+        target_tok = load_tokenizer(resolve_model_folder(target))
+    n_texts = len(train)
+    train, dropped = drop_short_texts(target_tok, train)
+    if dropped:
+        report(
+            f"skipped {dropped} of {n_texts} training texts shorter than two tokens (target "
+            "tokenizer): no token-to-token prediction in them to fuse"
+        )
     report("extracting source distributions ...")
     ex = cfg.extraction
     dist_dirs = extract_all(

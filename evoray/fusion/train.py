@@ -42,6 +42,7 @@ from evoray.fusion.sources import (
     extract_all,
     iter_source_rows,
     load_lm,
+    load_tokenizer,
     model_name,
 )
 from evoray.fusion.teachers import TeacherStore, write_teacher_store
@@ -183,7 +184,6 @@ def add_counts(total: dict, part: dict) -> dict:
 def source_vocab_maps(tgt_tok, source_paths: Sequence[str | Path], fallback: str) -> list:
     """``checked_vocab_map`` source -> target for every source (computed once per distinct
     source: the edit-distance search is the slow part of alignment on large vocabularies)."""
-    from transformers import AutoTokenizer
 
     from evoray.checkpoint import resolve_model_folder
 
@@ -191,7 +191,7 @@ def source_vocab_maps(tgt_tok, source_paths: Sequence[str | Path], fallback: str
     for i, src in enumerate(source_paths):
         key = str(src)
         if key not in maps:
-            src_tok = AutoTokenizer.from_pretrained(str(resolve_model_folder(key)))
+            src_tok = load_tokenizer(resolve_model_folder(key))
             maps[key] = checked_vocab_map(
                 src_tok, tgt_tok, name=f"source {i} ({src})", fallback=fallback
             )
@@ -202,11 +202,10 @@ def teacher_part_job(
     target_path: str | Path, texts: Sequence[str], start: int, path: str | Path, **kwargs
 ) -> dict:
     """One part of ``build_teachers``: texts ``start:start + len(texts)`` into ``path``."""
-    from transformers import AutoTokenizer
 
     from evoray.checkpoint import resolve_model_folder
 
-    tok = AutoTokenizer.from_pretrained(str(resolve_model_folder(target_path)))
+    tok = load_tokenizer(resolve_model_folder(target_path))
     counts: dict = {}
     rows = iter_fused_teachers(tok, texts, start=start, stats=counts, **kwargs)
     return {"path": write_teacher_store(path, rows), "texts": len(texts), "counts": counts}
@@ -241,7 +240,6 @@ def build_teachers(
     the shares of the source's vocabulary matched exactly and of the target's it covers so;
     a target share under ``min_vocab_share`` is also a warning (``report``, else ``warnings``).
     """
-    from transformers import AutoTokenizer
 
     from evoray.checkpoint import resolve_model_folder
     from evoray.fusion.remote import run_jobs
@@ -258,7 +256,7 @@ def build_teachers(
                 f"the distributions in {d} hold {rows} texts, the corpus {len(texts)}; extract "
                 "them again for this corpus"
             )
-    tok = AutoTokenizer.from_pretrained(str(resolve_model_folder(target_path)))
+    tok = load_tokenizer(resolve_model_folder(target_path))
     maps = source_vocab_maps(tok, source_paths, vocab_fallback)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -324,7 +322,6 @@ def build_teachers(
 
 def alignment_quality(tgt_tok, source_paths: Sequence[str | Path], counts: dict) -> dict:
     """Shares from ``alignment_counts`` plus each source's ``vocab_match_shares``."""
-    from transformers import AutoTokenizer
 
     from evoray.checkpoint import resolve_model_folder
     from evoray.fusion.align import vocab_match_shares
@@ -332,7 +329,7 @@ def alignment_quality(tgt_tok, source_paths: Sequence[str | Path], counts: dict)
     total = max(1, counts["positions"])
     out = []
     for i, src in enumerate(source_paths):
-        src_tok = AutoTokenizer.from_pretrained(str(resolve_model_folder(src)))
+        src_tok = load_tokenizer(resolve_model_folder(src))
         aligned = counts["aligned"][i]
         out.append(
             {
@@ -349,6 +346,23 @@ def fused_teachers(*args, **kwargs) -> tuple[list[list[int]], list[tuple]]:
     """``iter_fused_teachers`` collected: (target ids per text, fused teacher per text)."""
     pairs = list(iter_fused_teachers(*args, **kwargs))
     return [ids for ids, _ in pairs], [t for _, t in pairs]
+
+
+def drop_short_texts(tok, texts: Sequence[str], min_tokens: int = 2) -> tuple[list[str], int]:
+    """``(texts with at least min_tokens tokens of their own under tok, how many were not)``.
+
+    Skipped rather than refused, since a corpus file of real text often holds a few such lines
+    (a heading, a lone '.'): a text under two tokens has no prediction from one of its tokens
+    to the next (only ``<bos> -> t`` and ``t -> <eos>``), so a source has nothing of the text
+    to teach there, and CLM learns only where texts start and end.  An error if none remain.
+    """
+    kept = [t for t in texts if len(tok(t, add_special_tokens=False)["input_ids"]) >= min_tokens]
+    if not kept:
+        raise FusionError(
+            f"all {len(texts)} training texts are shorter than two tokens of the target's "
+            "tokenizer; give a corpus of sentences or paragraphs"
+        )
+    return kept, len(texts) - len(kept)
 
 
 def _batches(n: int, batch_size: int, steps: int, seed: int) -> list[list[int]]:
@@ -499,6 +513,8 @@ def _train_loop(
             total = sum(
                 float(_batch_loss(model, ids_list, teachers, b, *args)) * len(b) for b in eval_idx
             )
+        if sharded:  # FSDP2 keeps the root unsharded after a forward without backward; the
+            model.reshard()  # optimizer must see (and step) the sharded parameters
         return total / len(probe)
 
     before = full_loss()
