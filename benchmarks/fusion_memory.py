@@ -128,7 +128,8 @@ def main() -> None:
                     }
                 )
         # extraction throughput: texts of varied lengths (1 to 4 sentences)
-        texts = [" ".join(train[i : i + 1 + i % 4]) for i in range(len(train))] * 4
+        texts = [" ".join(train[i : i + 1 + i % 4]) for i in range(len(train))]
+        texts += [" ".join(train[i : i + 1 + i % 3]) + " ." for i in range(len(train))]
         figures["extraction_tokens_per_s"] = {}
         for name, stok in (("char", build_char_tokenizer(train)), ("bpe", tok)):
             src = make_tiny_lm(stok, seed=1, hidden=64, layers=2)
@@ -136,9 +137,13 @@ def main() -> None:
             for max_pad in (0.0, 0.2):
                 batches = length_batches(lengths, 16, max_pad)
                 pad = sum(max(lengths[i] for i in b) * len(b) for b in batches) - sum(lengths)
-                t0 = time.perf_counter()
-                source_distributions(src, stok, texts, 10, batch_size=16, max_pad=max_pad)
-                rate = sum(lengths) / (time.perf_counter() - t0)
+                source_distributions(src, stok, texts[:16], 10)  # warm-up
+                best = float("inf")
+                for _ in range(3):  # best of 3: the CPU may be shared
+                    t0 = time.perf_counter()
+                    source_distributions(src, stok, texts, 10, batch_size=16, max_pad=max_pad)
+                    best = min(best, time.perf_counter() - t0)
+                rate = sum(lengths) / best
                 share = pad / (pad + sum(lengths))
                 print(
                     f"extraction {name}, max_pad {max_pad}: {len(batches)} batches, padding "

@@ -661,6 +661,7 @@ def fuse_train(
     loss_terms: bool = False,
     data_parallel: str = "ddp",
     activation_checkpointing: bool = False,
+    min_weight: float = 0.0,
 ) -> dict:
     """Train the target at ``target_path`` with FuseLLM on ``texts``; save it to ``out_dir``.
 
@@ -672,7 +673,9 @@ def fuse_train(
     distribution and fusion arguments are not used).  Returns ``out_dir``, the FuseLLM loss on
     the first ``EVAL_TEXTS`` texts before and after training (``loss_before`` /
     ``loss_after``) and the per-step losses; with ``log_every`` it prints the mean loss of
-    every ``log_every`` steps.
+    every ``log_every`` steps.  ``loss_terms``: also ``terms_after``, the CLM and fusion terms
+    alone (unweighted) after training, to compare their scales.  ``data_parallel``,
+    ``activation_checkpointing``: see ``_train_loop``; ``min_weight``: see ``fuse_avg_ce``.
     """
     texts = list(texts)
     if not texts:
@@ -698,7 +701,15 @@ def fuse_train(
         rank = dist[0] if dist else 0
         store_path = out_dir.with_name(f".{out_dir.name}.teachers-{rank}.arrow")  # per rank
         rows = iter_fused_teachers(
-            tok, texts, source_paths, dist_dirs, method, vocab_fallback, positions, ce_unit
+            tok,
+            texts,
+            source_paths,
+            dist_dirs,
+            method,
+            vocab_fallback,
+            positions,
+            ce_unit,
+            min_weight=min_weight,
         )
         store = TeacherStore(write_teacher_store(store_path, rows))
     try:
