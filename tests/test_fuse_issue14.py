@@ -268,3 +268,27 @@ def test_fsdp_with_activation_checkpointing_equals_one_process(tmp_path, corpus,
     for rank in two["memory"]:
         assert rank["param_bytes"] < 0.6 * full["param_bytes"]
         assert rank["optimizer_bytes"] < 0.6 * full["optimizer_bytes"]
+
+
+def test_length_batches_bound_padding_and_padded_extraction_equals_unpadded(corpus):
+    from evoray.fusion.sources import length_batches, source_distributions
+
+    lengths = [5, 9, 6, 5, 30, 8, 7, 6, 10, 5]
+    for max_pad in (0.0, 0.2, 0.5):
+        batches = length_batches(lengths, 4, max_pad)
+        assert sorted(i for b in batches for i in b) == list(range(len(lengths)))
+        for b in batches:
+            width = max(lengths[i] for i in b)
+            pad = width * len(b) - sum(lengths[i] for i in b)
+            assert len(b) <= 4 and pad <= max_pad * width * len(b)
+    assert all(len({lengths[i] for i in b}) == 1 for b in length_batches(lengths, 4, 0.0))
+    assert len(length_batches(lengths, 4, 0.5)) < len(length_batches(lengths, 4, 0.0))
+    train, _ = corpus
+    tok = build_char_tokenizer(train)
+    model = make_tiny_lm(tok, seed=0, hidden=16)
+    texts = train[:8]
+    exact = source_distributions(model, tok, texts, k=4, max_pad=0.0)
+    padded = source_distributions(model, tok, texts, k=4, batch_size=8, max_pad=1.0)
+    for a, b in zip(exact, padded, strict=True):
+        np.testing.assert_allclose(b["values"], a["values"], atol=1e-5)
+        np.testing.assert_allclose(b["ce"], a["ce"], atol=1e-5)
