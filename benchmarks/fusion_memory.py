@@ -2,7 +2,7 @@
 
     python benchmarks/fusion_memory.py [--quick] [--workers 2] [--steps 2]
 
-Trains a Llama-shaped target (about 270M parameters; ``--quick``: about 9M) with plain CLM for
+Trains a Llama-shaped target (254M parameters; ``--quick``: 7M) with plain CLM for
 a few steps four ways on CPU: one process, DDP on ``--workers`` Ray Train workers (gloo), FSDP2
 on as many, and FSDP2 with bf16 autocast and activation checkpointing.  Per rank it prints the
 bytes of parameters, gradients and AdamW state held there and the process's peak resident
