@@ -303,7 +303,7 @@ def build_teachers(
         )
         if q["target_vocab_share"] < min_vocab_share:
             msg = (
-                f"warning: source {i} ({src}) maps exactly onto only "
+                f"source {i} ({src}) maps exactly onto only "
                 f"{q['target_vocab_share']:.1%} of the target's vocabulary (under "
                 f"fusion.min_vocab_share {min_vocab_share:.0%}): where the target's next token "
                 "has no exact counterpart among the source's, the source's distribution is "
@@ -311,7 +311,7 @@ def build_teachers(
                 "closer tokenizer teaches more"
             )
             if report:
-                report(msg)
+                report(f"warning: {msg}")
             else:
                 import warnings
 
