@@ -145,6 +145,28 @@ def vocab_map(
     return out
 
 
+def vocab_match_shares(src_vocab: dict[str, int], tgt_vocab: dict[str, int]) -> dict[str, float]:
+    """How well two vocabularies pair up, before any edit-distance fallback: the share of source
+    tokens ``vocab_map`` matches exactly (same raw token, or same text once word markers are
+    normalised) and the share of the target's tokens that some source token matches so.  A
+    low target share means the source's distributions are mostly mapped by approximation."""
+    norm_to_ids: dict[str, list[int]] = {}
+    for tok, i in tgt_vocab.items():
+        norm_to_ids.setdefault(_norm(tok), []).append(i)
+    exact, hit = 0, set()
+    for tok in src_vocab:
+        if tok in tgt_vocab:
+            exact += 1
+            hit.add(tgt_vocab[tok])
+        elif _norm(tok) in norm_to_ids:
+            exact += 1
+            hit.update(norm_to_ids[_norm(tok)])
+    return {
+        "vocab_exact_share": exact / max(1, len(src_vocab)),
+        "target_vocab_share": len(hit) / max(1, len(tgt_vocab)),
+    }
+
+
 def _longest_prefix(norm: str, ws: bool, entries: dict[tuple[str, bool], int]) -> int | None:
     for length in range(len(norm) - 1, 0, -1):
         hit = entries.get((norm[:length], ws))

@@ -69,6 +69,120 @@ def make_corpus(seed: int = 0, n_train: int = 400, n_heldout: int = 100) -> tupl
     return train, heldout
 
 
+_DISHES = {
+    "soup": ("carrots", "onions", "boil", "pot", "twenty"),
+    "bread": ("flour", "yeast", "bake", "oven", "forty"),
+    "salad": ("lettuce", "tomatoes", "toss", "bowl", "five"),
+    "pancakes": ("eggs", "milk", "fry", "pan", "ten"),
+    "curry": ("rice", "spices", "simmer", "pot", "thirty"),
+    "pie": ("apples", "butter", "bake", "oven", "fifty"),
+    "omelette": ("eggs", "cheese", "fry", "pan", "six"),
+    "stew": ("beans", "potatoes", "simmer", "pot", "sixty"),
+}
+_COOKS = ["grandma", "the chef", "my brother", "the baker", "our neighbour", "a student"]
+_MEALS = ["for lunch", "for dinner", "on sundays", "for a party", "in the morning"]
+_KITCHEN = [
+    "to make {dish} , {cook} mixes the {a} with the {b} and {verb}s it for {m} minutes .",
+    "the {dish} needs {a} and {b} , and {cook} uses a {pot} {meal} .",
+    "{cook} {verb}s the {a} in a {pot} , then adds the {b} for the {dish} .",
+    "{meal} {cook} makes {dish} : {verb} {a} and {b} for {m} minutes in a {pot} .",
+]
+_PLACES = {
+    "paris": ("france", "french", "seine", "bread"),
+    "rome": ("italy", "italian", "tiber", "pasta"),
+    "madrid": ("spain", "spanish", "manzanares", "ham"),
+    "berlin": ("germany", "german", "spree", "sausages"),
+    "lisbon": ("portugal", "portuguese", "tagus", "fish"),
+    "vienna": ("austria", "german", "danube", "cake"),
+    "warsaw": ("poland", "polish", "vistula", "dumplings"),
+    "athens": ("greece", "greek", "kifisos", "olives"),
+}
+_SEASONS = ["in spring", "in summer", "in autumn", "in winter", "on holiday", "every year"]
+_TRAVELLERS = ["my aunt", "the teacher", "we", "my friends", "the tourists", "our class"]
+_PLACE_TEMPLATES = [
+    "{who} say {city} is the capital of {country} , where people speak {lang} .",
+    "{when} {who} visit {city} and walk along the {river} .",
+    "in {city} {who} speak {lang} and eat {food} {when} .",
+    "the {river} flows through {city} , the capital of {country} , and {who} love it .",
+]
+
+
+def _kitchen(rng: random.Random) -> str:
+    dish = rng.choice(sorted(_DISHES))
+    a, b, verb, pot, minutes = _DISHES[dish]
+    return rng.choice(_KITCHEN).format(
+        dish=dish,
+        a=a,
+        b=b,
+        verb=verb,
+        pot=pot,
+        m=minutes,
+        cook=rng.choice(_COOKS),
+        meal=rng.choice(_MEALS),
+    )
+
+
+def _places(rng: random.Random) -> str:
+    city = rng.choice(sorted(_PLACES))
+    country, lang, river, food = _PLACES[city]
+    return rng.choice(_PLACE_TEMPLATES).format(
+        city=city,
+        country=country,
+        lang=lang,
+        river=river,
+        food=food,
+        when=rng.choice(_SEASONS),
+        who=rng.choice(_TRAVELLERS),
+    )
+
+
+DOMAINS = {"animals": _sentence, "kitchen": _kitchen, "places": _places}
+
+
+def domain_texts(
+    domain: str, n: int, seed: int = 0, exclude: Sequence[str] = (), distinct: bool = False
+) -> list[str]:
+    """``n`` generated sentences of ``domain`` (one of ``DOMAINS``), deterministic in ``seed``,
+    none of them in ``exclude``; ``distinct``: no repeats (as far as the templates allow)."""
+    if domain not in DOMAINS:
+        raise ValueError(f"domain must be one of {sorted(DOMAINS)}, got {domain!r}")
+    rng = random.Random(f"{domain}-{seed}")
+    make = DOMAINS[domain]
+    seen, out = set(exclude), []
+    for _ in range(50 * max(n, 1)):
+        if len(out) == n:
+            break
+        s = make(rng)
+        if s in seen:
+            continue
+        out.append(s)
+        if distinct:
+            seen.add(s)
+    if len(out) < n:
+        raise ValueError(f"domain {domain!r} cannot give {n} sentences outside those excluded")
+    return out
+
+
+def mixed_corpus(
+    domains: Sequence[str], seed: int = 0, n_train: int = 90, n_heldout: int = 60
+) -> tuple[list[str], dict[str, list[str]]]:
+    """``(train, heldout per domain)``: ``n_train`` texts split evenly over ``domains`` and
+    interleaved, ``n_heldout`` distinct held-out texts per domain, never in the train list."""
+    heldout = {d: domain_texts(d, n_heldout, seed + 10_000, distinct=True) for d in domains}
+    per, extra = divmod(n_train, len(domains))
+    parts = [
+        domain_texts(d, per + (i < extra), seed, exclude=heldout[d]) for i, d in enumerate(domains)
+    ]
+    train = [p[j] for j in range(per + 1) for p in parts if j < len(p)]
+    return train, heldout
+
+
+def source_texts(domain: str, n: int, seed: int, heldout: Sequence[str]) -> list[str]:
+    """A source's own training text: ``n`` sentences of its domain from a seed of its own
+    (more, and other, text than the target sees), none of them held out."""
+    return domain_texts(domain, n, seed + 20_000, exclude=heldout)
+
+
 TEXT_SUFFIXES = (".txt", ".jsonl", ".parquet")
 
 
@@ -127,12 +241,21 @@ def read_texts(path: str | Path, text_field: str = "text", limit: int | None = N
 
 
 def load_corpus(spec) -> tuple[list[str], list[str]]:
-    """``(train, heldout)`` for a ``CorpusSpec``: its files, else the generated corpus."""
+    """``(train, heldout)`` for a ``CorpusSpec``: its files, else the generated corpus (mixed
+    from ``spec.domains`` when given: held-out texts of every domain, concatenated)."""
     if spec.train is not None:
         return (
             read_texts(spec.train, spec.text_field, spec.n_train),
             read_texts(spec.heldout, spec.text_field, spec.n_heldout),
         )
+    if spec.domains:
+        train, heldout = mixed_corpus(
+            spec.domains,
+            spec.seed,
+            90 if spec.n_train is None else spec.n_train,
+            60 if spec.n_heldout is None else spec.n_heldout,
+        )
+        return train, [t for d in spec.domains for t in heldout[d]]
     n_train = 400 if spec.n_train is None else spec.n_train
     return make_corpus(spec.seed, n_train, 100 if spec.n_heldout is None else spec.n_heldout)
 

@@ -123,19 +123,22 @@ def fuse_min_ce(dists: Sequence[Dist], ce: Sequence[float]) -> Dist:
     return dists[int(np.argmin(np.asarray(ce, dtype=np.float64)))]
 
 
-def fuse_avg_ce(dists: Sequence[Dist], ce: Sequence[float]) -> Dist:
+def fuse_avg_ce(dists: Sequence[Dist], ce: Sequence[float], min_weight: float = 0.0) -> Dist:
     """FuseLLM AvgCE: a mixture of the sources, weighted ``w_s = softmax(-ce)_s``.
 
     At each position the weights are renormalised over the sources that have a distribution
     there: ``p(v) = sum_s w_s p_s(v) / sum_s w_s``.  The union of all sources' slots is kept
     (k_total = sum of k) and returned as log-probs; positions no source covers stay masked.
+    ``min_weight`` > 0 also masks positions where the sources present hold less than that share
+    of the weight: there the sources that know the text best are absent, and renormalising
+    would hand the position to sources that do not know it (a teacher worse than none).
     """
     _check_sources(dists, ce)
     w = torch.softmax(-torch.as_tensor(list(ce), dtype=torch.float64), dim=0)
     masks = torch.stack([d[2] for d in dists]).double()  # [S, seq]
     present = masks * w[:, None]
     total = present.sum(0)
-    mask = total > 0
+    mask = (total > 0) & (total >= min_weight)
     log_w = (present / total.clamp_min(1e-300)).log()  # [S, seq], -inf where absent
     parts_v, parts_i = [], []
     for s, (v, i, _) in enumerate(dists):

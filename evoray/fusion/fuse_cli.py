@@ -68,15 +68,26 @@ def _tokenizer(spec: ModelSpec, texts: list[str]):
 
 def build_model(spec: ModelSpec, texts: list[str], path: str | Path) -> dict:
     """Build ``spec``'s tokenizer + tiny LM on ``texts``, save it to ``path``, then train it
-    ``spec.steps`` CLM steps in place.  A job for ``run_jobs`` (returns a dict)."""
+    ``spec.steps`` CLM steps in place.  A job for ``run_jobs`` (returns a dict).  A folder
+    already at ``path`` is replaced whole: no file of an earlier build is mixed in."""
     from evoray.fusion.corpus import make_tiny_lm
     from evoray.fusion.train import clm_train, save_model
 
     tok = _tokenizer(spec, texts)
-    path = save_model(make_tiny_lm(tok, spec.seed, spec.hidden, spec.layers, spec.arch), tok, path)
+    model = make_tiny_lm(tok, spec.seed, spec.hidden, spec.layers, spec.arch)
+    path = save_model(model, tok, path, carry_over=False)
     if spec.steps > 0:
         clm_train(path, texts, steps=spec.steps, lr=spec.lr, seed=spec.seed, out_dir=path)
     return {"out_dir": path}
+
+
+def build_texts(spec: ModelSpec, train: list[str], heldout: list[str]) -> list[str]:
+    """What a built model learns from: its own ``domain``'s generated text, else ``train``."""
+    if spec.domain is None:
+        return train
+    from evoray.fusion.corpus import source_texts
+
+    return source_texts(spec.domain, spec.texts or 2000, spec.seed, heldout)
 
 
 def run_fuse(cfg: FuseConfig, out: Path | None = None, report=print) -> dict:
@@ -88,8 +99,14 @@ def run_fuse(cfg: FuseConfig, out: Path | None = None, report=print) -> dict:
     """
     from evoray.fusion.corpus import load_corpus
     from evoray.fusion.remote import run_data_parallel, run_jobs
-    from evoray.fusion.sources import extract_all
-    from evoray.fusion.train import build_teachers, clm_train, fuse_train, perplexity_job
+    from evoray.fusion.sources import extract_all, fuse_checkpoint_errors, load_tokenizer
+    from evoray.fusion.train import (
+        build_teachers,
+        clm_train,
+        drop_short_texts,
+        fuse_train,
+        perplexity_job,
+    )
     from evoray.weights.checkpoint import resolve_model_folder
 
     res, fz = cfg.resources, cfg.fusion
@@ -99,17 +116,31 @@ def run_fuse(cfg: FuseConfig, out: Path | None = None, report=print) -> dict:
     ray_opts = {"use_ray": cfg.use_ray, "num_cpus": res.num_cpus, "num_gpus": res.num_gpus}
     models = [*cfg.sources, cfg.target]
     folders = [out / "sources" / s.name for s in cfg.sources] + [out / "target_init"]
-    for m in models:  # a missing folder or unknown hub id fails here, before any work
+    for m in models:  # a missing folder, hub id or tokenizer fails here, before any work
         if m.path is not None:
-            resolve_model_folder(m.path)
+            with fuse_checkpoint_errors():
+                load_tokenizer(resolve_model_folder(m.path))
     to_build = [(m, f) for m, f in zip(models, folders, strict=True) if m.path is None]
     if to_build:
         report(f"building {', '.join(m.name for m, _ in to_build)} ...")
         run_jobs(
-            [(build_model, {"spec": m, "texts": train, "path": f}) for m, f in to_build], **ray_opts
+            [
+                (build_model, {"spec": m, "texts": build_texts(m, train, heldout), "path": f})
+                for m, f in to_build
+            ],
+            **ray_opts,
         )
     paths = [f if m.path is None else m.path for m, f in zip(models, folders, strict=True)]
     src_paths, target = paths[:-1], paths[-1]
+    with fuse_checkpoint_errors():
+        target_tok = load_tokenizer(resolve_model_folder(target))
+    n_texts = len(train)
+    train, dropped = drop_short_texts(target_tok, train)
+    if dropped:
+        report(
+            f"skipped {dropped} of {n_texts} training texts shorter than two tokens (target "
+            "tokenizer): no token-to-token prediction in them to fuse"
+        )
     report("extracting source distributions ...")
     ex = cfg.extraction
     dist_dirs = extract_all(
@@ -130,6 +161,8 @@ def run_fuse(cfg: FuseConfig, out: Path | None = None, report=print) -> dict:
         "device": fz.device,
         "precision": fz.precision,
         "log_every": max(1, fz.steps // 5),
+        "data_parallel": res.data_parallel,
+        "activation_checkpointing": fz.activation_checkpointing,
     }
     report("building fused teachers ...")
     teachers = build_teachers(
@@ -146,6 +179,8 @@ def run_fuse(cfg: FuseConfig, out: Path | None = None, report=print) -> dict:
         use_ray=cfg.use_ray,
         num_cpus=res.num_cpus,
         report=report,
+        min_vocab_share=fz.min_vocab_share,
+        min_weight=fz.min_weight,
     )
     fused = {"lam": fz.lam, "kind": fz.kind, "temperature": fz.temperature, "teachers": teachers}
     report(f"training target: plain CLM and FuseLLM ({fz.method}, lam={fz.lam:g}) ...")

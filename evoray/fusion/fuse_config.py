@@ -8,13 +8,13 @@ type or an out-of-range value is a ``ConfigError`` naming the file and the dotte
 from __future__ import annotations
 
 from dataclasses import dataclass, field, fields
-from pathlib import Path
+from pathlib import Path, PureWindowsPath
 from typing import Any
 
 from evoray.config.reading import check_keys, read_yaml
 from evoray.errors import ConfigError
 from evoray.fusion.align import TEACHER_POSITIONS, VOCAB_FALLBACKS
-from evoray.fusion.corpus import ARCHITECTURES
+from evoray.fusion.corpus import ARCHITECTURES, DOMAINS
 from evoray.fusion.train import CE_UNITS, PRECISIONS
 from evoray.fusion.train import METHODS as FUSERS
 
@@ -22,6 +22,7 @@ TOKENIZERS = ("char", "bpe", "bytelevel")
 METHODS = tuple(FUSERS)
 KINDS = ("ce", "kl")
 DEVICES = ("auto", "cpu", "cuda")
+DATA_PARALLEL = ("ddp", "fsdp")
 
 
 @dataclass(frozen=True)
@@ -29,7 +30,9 @@ class CorpusSpec:
     """Text files (``train`` + ``heldout``: .txt one text per line, .jsonl or .parquet with a
     ``text_field``), else the generated corpus (``evoray.fusion.corpus.make_corpus``).
     ``n_train``/``n_heldout``: how many texts (files: the first ones; default all of them;
-    generated: 400 and 100)."""
+    generated: 400 and 100).  ``domains`` (generated only, from ``corpus.DOMAINS``): a small
+    mixed corpus, ``n_train`` texts split over the domains (default 90) and ``n_heldout`` held-out
+    texts *per domain* (default 60)."""
 
     train: str | None = None
     heldout: str | None = None
@@ -37,14 +40,20 @@ class CorpusSpec:
     n_train: int | None = None
     n_heldout: int | None = None
     seed: int = 0
+    domains: tuple[str, ...] | None = None
 
 
 @dataclass(frozen=True)
 class ModelSpec:
-    """A source or the target: an existing HF folder (``path``) or one to build and train."""
+    """A source or the target: an existing HF folder (``path``) or one to build and train.
+    ``domain`` (a built source): its tokenizer and training use ``texts`` generated sentences
+    of that domain (default 2000; never held-out ones) instead of the fusion corpus: a source
+    that knows more of its domain than the target will see."""
 
     name: str = ""
     path: str | None = None
+    domain: str | None = None
+    texts: int | None = None
     arch: str = "llama"
     tokenizer: str = "bpe"
     vocab_size: int = 200
@@ -77,6 +86,9 @@ class FusionSpec:
     seed: int = 0
     device: str = "auto"
     precision: str = "fp32"
+    activation_checkpointing: bool = False
+    min_vocab_share: float = 0.2
+    min_weight: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -91,11 +103,13 @@ class ExtractionSpec:
 @dataclass(frozen=True)
 class ResourcesSpec:
     """What each Ray task (a build, a source's extraction actor, a training worker) reserves;
-    ``train_workers`` > 1 trains each target with that many data-parallel workers."""
+    ``train_workers`` > 1 trains each target with that many data-parallel workers, ``ddp``
+    (a full model and optimizer state per worker) or ``fsdp`` (both sharded over the workers)."""
 
     num_cpus: float = 1
     num_gpus: float = 0
     train_workers: int = 1
+    data_parallel: str = "ddp"
 
 
 @dataclass(frozen=True)
@@ -131,6 +145,8 @@ class FuseConfig:
             _section(ModelSpec, raw, source, f"sources[{i}].", {"name": f"source_{i}"})
             for i, raw in enumerate(raw_sources)
         )
+        for i, spec in enumerate(sources):
+            _check_name(spec.name, source, f"sources[{i}].name")
         names = [s.name for s in sources]
         if len(set(names)) != len(names):
             raise ConfigError(f"{source}: sources: names must be distinct, got {names}")
@@ -144,6 +160,13 @@ class FuseConfig:
         for name in ("n_train", "n_heldout"):
             if getattr(corpus, name) is not None and getattr(corpus, name) < 1:
                 raise ConfigError(f"{source}: corpus.{name} must be >= 1")
+        if corpus.domains is not None:
+            bad = [d for d in corpus.domains if d not in DOMAINS]
+            if bad or not corpus.domains or corpus.train is not None:
+                raise ConfigError(
+                    f"{source}: corpus.domains: a non-empty list from {sorted(DOMAINS)} for the "
+                    f"generated corpus (not with train/heldout files), got {list(corpus.domains)}"
+                )
         if (corpus.train is None) != (corpus.heldout is None):
             raise ConfigError(
                 f"{source}: corpus: give both train and heldout files (or neither, for the "
@@ -154,6 +177,11 @@ class FuseConfig:
             raise ConfigError(f"{source}: resources: num_cpus and num_gpus must be >= 0")
         if resources.train_workers < 1:
             raise ConfigError(f"{source}: resources.train_workers must be >= 1")
+        if resources.data_parallel not in DATA_PARALLEL:
+            raise ConfigError(
+                f"{source}: resources.data_parallel must be one of {DATA_PARALLEL}, got "
+                f"{resources.data_parallel!r}"
+            )
         extraction = _section(ExtractionSpec, data.get("extraction"), source, "extraction.")
         if extraction.shard_size < 1 or extraction.workers_per_source < 1:
             raise ConfigError(
@@ -216,11 +244,42 @@ def _section(cls, raw: Any, source: str, prefix: str, defaults: dict | None = No
         if value is None and f.type.endswith("| None"):
             out[f.name] = None
             continue
+        if f.type.startswith("tuple[str"):
+            if not isinstance(value, list):
+                raise ConfigError(f"{source}: {prefix}{f.name}: expected a list, got {value!r}")
+            out[f.name] = tuple(_typed(v, str, source, prefix + f.name) for v in value)
+            continue
         out[f.name] = _typed(value, kinds[f.type], source, prefix + f.name)
     return cls(**out)
 
 
+def _check_name(name: str, source: str, where: str) -> None:
+    """A source's name becomes a folder under ``output_dir``: one plain path component only
+    (no separator, no '..', not absolute, not empty), so no config writes outside it."""
+    bad = (
+        not name.strip()
+        or name in (".", "..")
+        or "/" in name
+        or "\\" in name
+        or "\x00" in name
+        or Path(name).is_absolute()
+        or PureWindowsPath(name).drive != ""
+    )
+    if bad:
+        raise ConfigError(
+            f"{source}: {where}: {name!r} is not a plain folder name (it names the source's "
+            "folder under output_dir: no '/', '\\' or '..', not absolute, not empty); use e.g. "
+            "'bpe200'"
+        )
+
+
 def _check_model(spec: ModelSpec, build: bool, source: str, where: str) -> None:
+    if spec.domain is not None and spec.domain not in DOMAINS:
+        raise ConfigError(
+            f"{source}: {where}.domain must be one of {sorted(DOMAINS)}, got {spec.domain!r}"
+        )
+    if spec.texts is not None and spec.texts < 1:
+        raise ConfigError(f"{source}: {where}.texts must be >= 1, got {spec.texts}")
     if spec.path is None and not build:
         raise ConfigError(f"{source}: {where}: give a path (build is false)")
     if spec.path is not None:
@@ -259,3 +318,9 @@ def _check_fusion(f: FusionSpec, source: str) -> None:
             raise ConfigError(f"{source}: fusion.{name} must be >= 1, got {getattr(f, name)}")
     if f.lr <= 0:
         raise ConfigError(f"{source}: fusion.lr must be > 0, got {f.lr}")
+    if not 0.0 <= f.min_weight <= 1.0:
+        raise ConfigError(f"{source}: fusion.min_weight must be in [0, 1], got {f.min_weight}")
+    if not 0.0 <= f.min_vocab_share <= 1.0:
+        raise ConfigError(
+            f"{source}: fusion.min_vocab_share must be in [0, 1], got {f.min_vocab_share}"
+        )

@@ -2,13 +2,16 @@
 
 Each source model runs once over the corpus; per sequence it keeps the token strings, the top-k
 logits (float32) and their ids (int32) at every position, and the per-token CE against the
-gold next token.  Sequences are never padded: batches group sequences of identical length.
+gold next token.  Batches group sequences of neighbouring lengths (``length_batches``), with
+bounded padding.
 Shards store one row per sequence with flat ``list<float32>`` / ``list<int32>`` columns.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
+import re
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -23,16 +26,82 @@ from evoray.fusion.distill import per_token_ce, topk_logits
 SHARD_NAME = "shard-00000.parquet"  # the first shard of a source
 
 
+_FLAG_NOTES = {
+    "--allow-pickle": (
+        "evoray fuse reads safetensors weights only (it does not load pickle): if you trust "
+        "the checkpoint, load it with transformers and save it again with "
+        "save_pretrained(folder, safe_serialization=True)."
+    ),
+    "--trust-remote-code": (
+        "evoray fuse does not run a model's own Python code: use a model whose architecture "
+        "transformers supports natively."
+    ),
+}
+
+
+@contextlib.contextmanager
+def fuse_checkpoint_errors() -> Iterator[None]:
+    """Checkpoint errors as ``evoray fuse`` can act on them: the checkpoint module's hints name
+    flags of other commands (``--allow-pickle``, ``--trust-remote-code``) that ``evoray fuse``
+    lacks; those sentences are replaced by what to do instead."""
+    from evoray.errors import CheckpointError
+
+    try:
+        yield
+    except CheckpointError as exc:
+        text = str(exc)
+        flags = [f for f in _FLAG_NOTES if f in text]
+        if not flags:
+            raise
+        text = text.replace(" or (with --allow-pickle) a .bin/.pt/.pth file", "")
+        kept = [s for s in re.split(r"(?<=\.) ", text) if not any(f in s for f in flags)]
+        raise CheckpointError(" ".join([*kept, *(_FLAG_NOTES[f] for f in flags)])) from None
+
+
+_TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "tokenizer.model",
+    "vocab.json",
+    "vocab.txt",
+)
+
+
+def load_tokenizer(folder: str | Path):
+    """The tokenizer saved in a model folder; a FusionError naming the folder and the files
+    looked for when there is none (fusion aligns the models' token strings, so every source
+    and the target need their own tokenizer)."""
+    from transformers import AutoTokenizer
+
+    folder = Path(folder)
+    if folder.is_dir() and not any((folder / f).is_file() for f in _TOKENIZER_FILES):
+        raise FusionError(
+            f"model folder {folder} has no tokenizer (none of {', '.join(_TOKENIZER_FILES)}); "
+            "fusion aligns each model's own tokens, so save the model's tokenizer there with "
+            "tokenizer.save_pretrained(folder)"
+        )
+    try:
+        return AutoTokenizer.from_pretrained(str(folder))
+    except (OSError, ValueError, TypeError, KeyError) as exc:
+        raise FusionError(
+            f"cannot load the tokenizer of model folder {folder} ({type(exc).__name__}: {exc}); "
+            "save a complete tokenizer there with tokenizer.save_pretrained(folder)"
+        ) from None
+
+
 def load_lm(path: str | Path):
     """``(causal LM, tokenizer)`` from a folder or hub id, through evoray's checkpoint checks
-    (missing path, pickle-only weights, custom code are clear errors, not tracebacks)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    (missing path, pickle-only weights, custom code, a missing tokenizer are clear errors, not
+    tracebacks)."""
+    from transformers import AutoModelForCausalLM
 
     from evoray.weights.checkpoint import load_model, resolve_model_folder
 
-    folder = resolve_model_folder(path)  # once: a hub id is looked up a single time
-    model = load_model(folder, model_cls=AutoModelForCausalLM)
-    return model, AutoTokenizer.from_pretrained(str(folder))
+    with fuse_checkpoint_errors():
+        folder = resolve_model_folder(path)  # once: a hub id is looked up a single time
+        tok = load_tokenizer(folder)  # before the weights: the cheaper check first
+        model = load_model(folder, model_cls=AutoModelForCausalLM)
+    return model, tok
 
 
 def encode_ids(tokenizer, text: str) -> list[int]:
@@ -68,41 +137,69 @@ def check_fits(model, sequences: Sequence[Sequence[int]], who: str) -> None:
         )
 
 
+def length_batches(
+    lengths: Sequence[int], batch_size: int = 16, max_pad: float = 0.2
+) -> list[list[int]]:
+    """Indices grouped into batches of at most ``batch_size`` texts of neighbouring lengths
+    (sorted), a batch closed when right-padding to its longest text would make more than
+    ``max_pad`` of its tokens padding (0: only equal lengths share a batch).  Sorting keeps
+    padding small on real corpora, where few texts have exactly the same length."""
+    order = sorted(range(len(lengths)), key=lambda i: (lengths[i], i))
+    batches: list[list[int]] = []
+    current: list[int] = []
+    for i in order:
+        trial = [*current, i]
+        width = lengths[i]  # sorted: the newest is the longest
+        pad = width * len(trial) - sum(lengths[j] for j in trial)
+        if current and (len(trial) > batch_size or pad > max_pad * width * len(trial)):
+            batches.append(current)
+            trial = [i]
+        current = trial
+    if current:
+        batches.append(current)
+    return batches
+
+
 @torch.no_grad()
 def source_distributions(
-    model, tokenizer, texts: Sequence[str], k: int = 10, *, batch_size: int = 16
-) -> list[dict]:
+    model, tokenizer, texts: Sequence[str], k: int = 10, *, batch_size: int = 16,
+    max_pad: float = 0.2,
+) -> list[dict]:  # fmt: skip
     """Per text, in order: ``text``, ``tokens`` (strings), ``input_ids`` (int32 [seq]),
     ``values`` (float32 [seq, k]), ``indices`` (int32 [seq, k]), ``ce`` (float32 [seq - 1])
-    and ``mean_ce``.  Top-k is taken on the model's device; batches only hold equal lengths."""
+    and ``mean_ce``.  Top-k is taken on the model's device.  Texts are batched by length
+    (``length_batches``: right padding under an attention mask, at most ``max_pad`` of a
+    batch's tokens); only each text's own positions are kept."""
     if not texts:
         raise FusionError("no texts to extract source distributions from")
     model.eval()
     device = next(model.parameters()).device
     encoded = [encode_ids(tokenizer, t) for t in texts]
     check_fits(model, encoded, f"source {model_name(model)}")
-    by_len: dict[int, list[int]] = {}
-    for i, ids in enumerate(encoded):
-        by_len.setdefault(len(ids), []).append(i)
     rows: list[dict | None] = [None] * len(texts)
-    for length in sorted(by_len):
-        members = by_len[length]
-        for start in range(0, len(members), batch_size):
-            chunk = members[start : start + batch_size]
-            ids = torch.tensor([encoded[i] for i in chunk], dtype=torch.long, device=device)
-            logits = model(input_ids=ids).logits
-            for b, i in enumerate(chunk):
-                values, indices = topk_logits(logits[b], k)
-                ce = per_token_ce(logits[b], ids[b])
-                rows[i] = {
-                    "text": texts[i],
-                    "tokens": tokenizer.convert_ids_to_tokens(encoded[i]),
-                    "input_ids": np.asarray(encoded[i], dtype=np.int32),
-                    "values": values.cpu().numpy().astype(np.float32),
-                    "indices": indices.cpu().numpy().astype(np.int32),
-                    "ce": ce.float().cpu().numpy(),
-                    "mean_ce": float(ce.double().mean()),
-                }
+    for chunk in length_batches([len(e) for e in encoded], batch_size, max_pad):
+        width = max(len(encoded[i]) for i in chunk)
+        ids = torch.zeros((len(chunk), width), dtype=torch.long)
+        mask = torch.zeros((len(chunk), width), dtype=torch.long)
+        for b, i in enumerate(chunk):
+            ids[b, : len(encoded[i])] = torch.tensor(encoded[i])
+            mask[b, : len(encoded[i])] = 1
+        ids, mask = ids.to(device), mask.to(device)
+        padded = bool((mask == 0).any())
+        logits = model(input_ids=ids, attention_mask=mask if padded else None).logits
+        for b, i in enumerate(chunk):
+            n = len(encoded[i])
+            values, indices = topk_logits(logits[b, :n], k)
+            ce = per_token_ce(logits[b, :n], ids[b, :n])
+            rows[i] = {
+                "text": texts[i],
+                "tokens": tokenizer.convert_ids_to_tokens(encoded[i]),
+                "input_ids": np.asarray(encoded[i], dtype=np.int32),
+                "values": values.cpu().numpy().astype(np.float32),
+                "indices": indices.cpu().numpy().astype(np.int32),
+                "ce": ce.float().cpu().numpy(),
+                "mean_ce": float(ce.double().mean()),
+            }
     return rows  # type: ignore[return-value]
 
 

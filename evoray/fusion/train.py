@@ -41,6 +41,7 @@ from evoray.fusion.sources import (
     extract_all,
     iter_source_rows,
     load_lm,
+    load_tokenizer,
     model_name,
 )
 from evoray.fusion.teachers import TeacherStore, write_teacher_store
@@ -84,6 +85,8 @@ def iter_fused_teachers(
     *,
     start: int | None = None,
     vocab_maps: Sequence[np.ndarray] | None = None,
+    stats: dict | None = None,
+    min_weight: float = 0.0,
 ) -> Iterator[tuple[list[int], tuple]]:
     """Per text, in order: its target ids and the fused ``(values, indices, mask)``.
 
@@ -99,6 +102,9 @@ def iter_fused_teachers(
     ``start``: ``texts`` are the corpus's texts ``start:start + len(texts)`` (one part of a
     parallel build; the shards are read from there); None: the whole corpus, and the shards
     must hold exactly these texts.  ``vocab_maps``: precomputed per source (else computed here).
+    ``stats`` (a dict) is filled with counts for alignment quality (``alignment_counts``).
+    ``min_weight``: AvgCE's ``fuse_avg_ce`` threshold (positions whose present sources hold
+    less of the sequence's weight get no teacher).
     """
     if method not in METHODS:
         raise FusionError(f"method must be one of {sorted(METHODS)}, got {method!r}")
@@ -114,11 +120,15 @@ def iter_fused_teachers(
         (vmap, iter_source_rows(d, first, stop), d)
         for vmap, d in zip(vocab_maps, dist_dirs, strict=True)
     ]
+    counts = alignment_counts(len(streams)) if stats is None else stats
+    if not counts:
+        counts.update(alignment_counts(len(streams)))
     for n, text in enumerate(texts, start=first):
         ids = encode_ids(tgt_tok, text)
         tgt_tokens = tgt_tok.convert_ids_to_tokens(ids)
         dists, ces = [], []
-        for vmap, rows, d in streams:
+        counts["positions"] += len(ids) - 1  # positions that predict a next token
+        for s, (vmap, rows, d) in enumerate(streams):
             r = next(rows, None)
             if r is None or r["text"] != text:
                 raise FusionError(
@@ -126,8 +136,10 @@ def iter_fused_teachers(
                     f"{'is missing' if r is None else 'differs'}); extract them again"
                 )
             pairs = align_sequences(r["tokens"], tgt_tokens)
+            counts["aligned"][s] += sum(1 for _, j in pairs if j + 1 < len(ids))
             if positions == "same_next":
                 pairs = keep_same_next(pairs, r["input_ids"], ids, vmap)
+            counts["kept"][s] += sum(1 for _, j in pairs if j + 1 < len(ids))
             dists.append(
                 map_to_target(
                     torch.from_numpy(r["values"]),
@@ -138,17 +150,40 @@ def iter_fused_teachers(
                 )
             )
             ces.append(r["mean_ce"] if ce_unit == "token" else per_char_ce(r["ce"], r["text"]))
-        yield ids, METHODS[method](dists, ces)
+        fused = (
+            fuse_avg_ce(dists, ces, min_weight) if method == "avg_ce" else fuse_min_ce(dists, ces)
+        )
+        counts["teacher"] += int(fused[2][:-1].sum())
+        yield ids, fused
     if start is None:
         for _, rows, d in streams:
             if next(rows, None) is not None:
                 raise FusionError(f"the distributions in {d} cover more texts than given")
 
 
+def alignment_counts(n_sources: int) -> dict:
+    """Zeroed counters ``iter_fused_teachers`` fills: target positions that predict a token,
+    per source those with an aligned distribution (``aligned``) and those ``positions`` keeps
+    (``kept``), and those with a fused teacher at all (``teacher``)."""
+    return {"positions": 0, "aligned": [0] * n_sources, "kept": [0] * n_sources, "teacher": 0}
+
+
+def add_counts(total: dict, part: dict) -> dict:
+    """Sum two ``alignment_counts`` dicts (parts of a parallel build)."""
+    if not total:
+        total.update({k: (list(v) if isinstance(v, list) else v) for k, v in part.items()})
+        return total
+    for k, v in part.items():
+        if isinstance(v, list):
+            total[k] = [a + b for a, b in zip(total[k], v, strict=True)]
+        else:
+            total[k] += v
+    return total
+
+
 def source_vocab_maps(tgt_tok, source_paths: Sequence[str | Path], fallback: str) -> list:
     """``checked_vocab_map`` source -> target for every source (computed once per distinct
     source: the edit-distance search is the slow part of alignment on large vocabularies)."""
-    from transformers import AutoTokenizer
 
     from evoray.weights.checkpoint import resolve_model_folder
 
@@ -156,7 +191,7 @@ def source_vocab_maps(tgt_tok, source_paths: Sequence[str | Path], fallback: str
     for i, src in enumerate(source_paths):
         key = str(src)
         if key not in maps:
-            src_tok = AutoTokenizer.from_pretrained(str(resolve_model_folder(key)))
+            src_tok = load_tokenizer(resolve_model_folder(key))
             maps[key] = checked_vocab_map(
                 src_tok, tgt_tok, name=f"source {i} ({src})", fallback=fallback
             )
@@ -167,13 +202,13 @@ def teacher_part_job(
     target_path: str | Path, texts: Sequence[str], start: int, path: str | Path, **kwargs
 ) -> dict:
     """One part of ``build_teachers``: texts ``start:start + len(texts)`` into ``path``."""
-    from transformers import AutoTokenizer
 
     from evoray.weights.checkpoint import resolve_model_folder
 
-    tok = AutoTokenizer.from_pretrained(str(resolve_model_folder(target_path)))
-    rows = iter_fused_teachers(tok, texts, start=start, **kwargs)
-    return {"path": write_teacher_store(path, rows), "texts": len(texts)}
+    tok = load_tokenizer(resolve_model_folder(target_path))
+    counts: dict = {}
+    rows = iter_fused_teachers(tok, texts, start=start, stats=counts, **kwargs)
+    return {"path": write_teacher_store(path, rows), "texts": len(texts), "counts": counts}
 
 
 def build_teachers(
@@ -191,12 +226,20 @@ def build_teachers(
     use_ray: bool = False,
     num_cpus: float = 1,
     report=None,
+    min_vocab_share: float = 0.2,
+    stats: dict | None = None,
+    min_weight: float = 0.0,
 ) -> Path:
     """The fused teachers of ``texts`` as ``out_dir/part-NNNNN.arrow`` files (a
     ``TeacherStore`` folder), ``part_size`` texts each, built in parallel as Ray tasks with
     ``use_ray``.  Vocabulary maps are computed once here and shipped to every part.  The
-    store is built once and shared by every training (and every data-parallel rank)."""
-    from transformers import AutoTokenizer
+    store is built once and shared by every training (and every data-parallel rank).
+
+    Alignment quality per source goes to ``report`` (and into ``stats``, if given): the share
+    of target positions with an aligned source distribution, the share ``positions`` keeps, and
+    the shares of the source's vocabulary matched exactly and of the target's it covers so;
+    a target share under ``min_vocab_share`` is also a warning (``report``, else ``warnings``).
+    """
 
     from evoray.fusion.remote import run_jobs
     from evoray.weights.checkpoint import resolve_model_folder
@@ -213,7 +256,7 @@ def build_teachers(
                 f"the distributions in {d} hold {rows} texts, the corpus {len(texts)}; extract "
                 "them again for this corpus"
             )
-    tok = AutoTokenizer.from_pretrained(str(resolve_model_folder(target_path)))
+    tok = load_tokenizer(resolve_model_folder(target_path))
     maps = source_vocab_maps(tok, source_paths, vocab_fallback)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -228,6 +271,7 @@ def build_teachers(
         "positions": positions,
         "ce_unit": ce_unit,
         "vocab_maps": maps,
+        "min_weight": min_weight,
     }
     jobs = [
         (
@@ -241,16 +285,84 @@ def build_teachers(
         )
         for a in range(0, len(texts), part_size)
     ]
-    run_jobs(jobs, use_ray=use_ray, num_cpus=num_cpus)
-    if report:
-        report(f"  fused teachers: {len(jobs)} part(s), {len(texts)} texts in {out_dir}")
+    results = run_jobs(jobs, use_ray=use_ray, num_cpus=num_cpus)
+    counts: dict = {}
+    for r in results:
+        add_counts(counts, r["counts"])
+    quality = alignment_quality(tok, source_paths, counts)
+    if stats is not None:
+        stats.update(quality)
+    say = report or (lambda _msg: None)
+    say(f"  fused teachers: {len(jobs)} part(s), {len(texts)} texts in {out_dir}")
+    for i, (src, q) in enumerate(zip(source_paths, quality["sources"], strict=True)):
+        say(
+            f"  alignment, source {i} ({Path(src).name}): {q['aligned_share']:.1%} of target "
+            f"positions aligned, {q['kept_share']:.1%} of those kept ({positions}); vocabulary: "
+            f"{q['vocab_exact_share']:.1%} of the source's tokens mapped exactly, covering "
+            f"{q['target_vocab_share']:.1%} of the target's"
+        )
+        if q["target_vocab_share"] < min_vocab_share:
+            msg = (
+                f"source {i} ({src}) maps exactly onto only "
+                f"{q['target_vocab_share']:.1%} of the target's vocabulary (under "
+                f"fusion.min_vocab_share {min_vocab_share:.0%}): where the target's next token "
+                "has no exact counterpart among the source's, the source's distribution is "
+                "over other units (edit-distance neighbours) or left out; a source with a "
+                "closer tokenizer teaches more"
+            )
+            if report:
+                report(f"warning: {msg}")
+            else:
+                import warnings
+
+                warnings.warn(msg, stacklevel=2)
+    say(f"  positions with a fused teacher: {quality['teacher_share']:.1%} of target positions")
     return out_dir
+
+
+def alignment_quality(tgt_tok, source_paths: Sequence[str | Path], counts: dict) -> dict:
+    """Shares from ``alignment_counts`` plus each source's ``vocab_match_shares``."""
+
+    from evoray.fusion.align import vocab_match_shares
+    from evoray.weights.checkpoint import resolve_model_folder
+
+    total = max(1, counts["positions"])
+    out = []
+    for i, src in enumerate(source_paths):
+        src_tok = load_tokenizer(resolve_model_folder(src))
+        aligned = counts["aligned"][i]
+        out.append(
+            {
+                "aligned_share": aligned / total,
+                "kept_share": counts["kept"][i] / max(1, aligned),
+                "teacher_share_source": counts["kept"][i] / total,
+                **vocab_match_shares(src_tok.get_vocab(), tgt_tok.get_vocab()),
+            }
+        )
+    return {"sources": out, "teacher_share": counts["teacher"] / total, "counts": counts}
 
 
 def fused_teachers(*args, **kwargs) -> tuple[list[list[int]], list[tuple]]:
     """``iter_fused_teachers`` collected: (target ids per text, fused teacher per text)."""
     pairs = list(iter_fused_teachers(*args, **kwargs))
     return [ids for ids, _ in pairs], [t for _, t in pairs]
+
+
+def drop_short_texts(tok, texts: Sequence[str], min_tokens: int = 2) -> tuple[list[str], int]:
+    """``(texts with at least min_tokens tokens of their own under tok, how many were not)``.
+
+    Skipped rather than refused, since a corpus file of real text often holds a few such lines
+    (a heading, a lone '.'): a text under two tokens has no prediction from one of its tokens
+    to the next (only ``<bos> -> t`` and ``t -> <eos>``), so a source has nothing of the text
+    to teach there, and CLM learns only where texts start and end.  An error if none remain.
+    """
+    kept = [t for t in texts if len(tok(t, add_special_tokens=False)["input_ids"]) >= min_tokens]
+    if not kept:
+        raise FusionError(
+            f"all {len(texts)} training texts are shorter than two tokens of the target's "
+            "tokenizer; give a corpus of sentences or paragraphs"
+        )
+    return kept, len(texts) - len(kept)
 
 
 def _batches(n: int, batch_size: int, steps: int, seed: int) -> list[list[int]]:
@@ -314,17 +426,18 @@ def _autocast(device: torch.device, precision: str):
     return lambda: torch.autocast(device_type=device.type, dtype=torch.bfloat16)
 
 
-def save_model(model, tok, out_dir: str | Path) -> Path:
+def save_model(model, tok, out_dir: str | Path, *, carry_over: bool = True) -> Path:
     """Save model + tokenizer so that ``out_dir`` is always whole: written beside it, then
     renamed over it (a crash mid-save leaves the previous folder, not a torn one).  Entries of
-    an existing ``out_dir`` the save does not write (``distributions/``) are carried over."""
+    an existing ``out_dir`` the save does not write (``distributions/``) are carried over,
+    unless ``carry_over`` is False (a fresh build: nothing of the old folder stays)."""
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = out_dir.with_name(f".{out_dir.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(str(tmp), safe_serialization=True)
     tok.save_pretrained(str(tmp))
-    if out_dir.exists():
+    if out_dir.exists() and carry_over:
         for entry in out_dir.iterdir():
             if not (tmp / entry.name).exists():
                 os.replace(entry, tmp / entry.name)
@@ -350,25 +463,41 @@ def _train_loop(
     precision="fp32",
     log_every=0,
     dist=None,
+    loss_terms=False,
+    data_parallel="ddp",
+    activation_checkpointing=False,
 ) -> dict:
     """AdamW on the padded batches of ``_batches``; weights stay float32 (``bf16`` autocasts
     the forward pass).  ``ids_list`` and ``teachers`` are indexable per text (lists, or a
     ``TeacherStore`` and its ``ids``).  Saves model + tokenizer to ``out_dir``.
 
     ``dist=(rank, world)`` inside a torch.distributed process group (Ray Train): the model is
-    wrapped in DistributedDataParallel, each rank takes every ``world``-th sequence of each
-    batch (so the averaged gradient is the whole batch's), and rank 0 saves.
+    wrapped in DistributedDataParallel (``data_parallel="ddp"``) or sharded with FSDP2's
+    ``fully_shard`` per decoder layer (``"fsdp"``: parameters, gradients and AdamW state split
+    over the ranks), each rank takes every ``world``-th sequence of each batch (so the
+    averaged gradient is the whole batch's), and rank 0 saves the full model.
+    ``activation_checkpointing`` recomputes each layer's activations in the backward pass.
+    The result has ``memory``: per rank, the bytes of its parameters, gradients and AdamW
+    state (its shards under FSDP) and its peak resident memory.
     """
     check_fits(model, ids_list, f"target {model_name(model)}")
     rank, world = dist or (0, 1)
     if batch_size % world:
         raise FusionError(f"batch_size {batch_size} must be a multiple of the {world} workers")
+    if data_parallel not in DATA_PARALLEL:
+        raise FusionError(f"data_parallel must be one of {DATA_PARALLEL}, got {data_parallel!r}")
     dev = resolve_device(device)
     autocast = _autocast(dev, precision)
     torch.manual_seed(seed)
     model.to(dev)
+    if activation_checkpointing:
+        model.config.use_cache = False
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     trained = model
-    if world > 1:
+    sharded = world > 1 and data_parallel == "fsdp"
+    if sharded:
+        _fully_shard(model)
+    elif world > 1:
         from torch.nn.parallel import DistributedDataParallel
 
         trained = DistributedDataParallel(
@@ -384,6 +513,8 @@ def _train_loop(
             total = sum(
                 float(_batch_loss(model, ids_list, teachers, b, *args)) * len(b) for b in eval_idx
             )
+        if sharded:  # FSDP2 keeps the root unsharded after a forward without backward; the
+            model.reshard()  # optimizer must see (and step) the sharded parameters
         return total / len(probe)
 
     before = full_loss()
@@ -408,7 +539,18 @@ def _train_loop(
                 flush=True,
             )
     after = full_loss()
-    if rank == 0:
+    memory = _memory_per_rank(model, opt, world)
+    terms = None
+    if loss_terms and teachers is not None:  # each term alone, unweighted, after training
+        args = (1.0, kind, temperature, dev, autocast)
+        clm_term = full_loss()
+        args = (0.0, kind, temperature, dev, autocast)
+        terms = {"clm": clm_term, "fusion": full_loss()}
+    if sharded:
+        full = _unsharded(model)  # a collective: every rank takes part
+        if rank == 0:
+            save_model(full, tok, out_dir)
+    elif rank == 0:
         save_model(model.to("cpu"), tok, out_dir)
     if world > 1:
         torch.distributed.barrier()  # the folder is whole before any rank returns
@@ -419,7 +561,76 @@ def _train_loop(
         "loss_after": after,
         "losses": losses,
         "device": str(dev),
+        "memory": memory,
+        **({"terms_after": terms} if terms else {}),
     }
+
+
+DATA_PARALLEL = ("ddp", "fsdp")
+
+
+def _decoder_layers(model) -> list:
+    """The repeated blocks FSDP shards one by one (Llama ``model.layers``, GPT-2
+    ``transformer.h``); empty for an unknown layout (then the model is one unit)."""
+    for path in ("model.layers", "transformer.h"):
+        obj = model
+        for name in path.split("."):
+            obj = getattr(obj, name, None)
+        if obj is not None:
+            return list(obj)
+    return []
+
+
+def _fully_shard(model) -> None:
+    """FSDP2 in place: each decoder layer its own unit, then the rest (embeddings, head)."""
+    from torch.distributed.fsdp import fully_shard
+
+    for layer in _decoder_layers(model):
+        fully_shard(layer)
+    fully_shard(model)
+
+
+def _unsharded(model):
+    """A plain CPU copy of an FSDP2-sharded model (gathered on every rank, kept on rank 0)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    from transformers import AutoModelForCausalLM
+
+    state = get_model_state_dict(
+        model, options=StateDictOptions(full_state_dict=True, cpu_offload=True)
+    )
+    if torch.distributed.get_rank() != 0:
+        return None
+    full = AutoModelForCausalLM.from_config(model.config)
+    full.load_state_dict(state)
+    return full
+
+
+def _local_bytes(t: torch.Tensor) -> int:
+    local = t.to_local() if hasattr(t, "to_local") else t  # a DTensor's shard on this rank
+    return local.numel() * local.element_size()
+
+
+def _memory_per_rank(model, opt, world: int) -> list[dict]:
+    """Per rank: bytes of parameters, gradients and optimizer state held there, and the peak
+    resident memory of the process (``ru_maxrss``); gathered to every rank."""
+    import resource
+
+    params = sum(_local_bytes(p) for p in model.parameters())
+    grads = sum(_local_bytes(p.grad) for p in model.parameters() if p.grad is not None)
+    state = sum(
+        _local_bytes(v) for st in opt.state.values() for v in st.values() if torch.is_tensor(v)
+    )
+    mine = {
+        "param_bytes": params,
+        "grad_bytes": grads,
+        "optimizer_bytes": state,
+        "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+    }
+    if world == 1:
+        return [mine]
+    out: list = [None] * world
+    torch.distributed.all_gather_object(out, mine)
+    return out
 
 
 def fuse_train(
@@ -447,6 +658,10 @@ def fuse_train(
     log_every: int = 0,
     dist: tuple[int, int] | None = None,
     teachers: str | Path | None = None,
+    loss_terms: bool = False,
+    data_parallel: str = "ddp",
+    activation_checkpointing: bool = False,
+    min_weight: float = 0.0,
 ) -> dict:
     """Train the target at ``target_path`` with FuseLLM on ``texts``; save it to ``out_dir``.
 
@@ -458,7 +673,9 @@ def fuse_train(
     distribution and fusion arguments are not used).  Returns ``out_dir``, the FuseLLM loss on
     the first ``EVAL_TEXTS`` texts before and after training (``loss_before`` /
     ``loss_after``) and the per-step losses; with ``log_every`` it prints the mean loss of
-    every ``log_every`` steps.
+    every ``log_every`` steps.  ``loss_terms``: also ``terms_after``, the CLM and fusion terms
+    alone (unweighted) after training, to compare their scales.  ``data_parallel``,
+    ``activation_checkpointing``: see ``_train_loop``; ``min_weight``: see ``fuse_avg_ce``.
     """
     texts = list(texts)
     if not texts:
@@ -484,7 +701,15 @@ def fuse_train(
         rank = dist[0] if dist else 0
         store_path = out_dir.with_name(f".{out_dir.name}.teachers-{rank}.arrow")  # per rank
         rows = iter_fused_teachers(
-            tok, texts, source_paths, dist_dirs, method, vocab_fallback, positions, ce_unit
+            tok,
+            texts,
+            source_paths,
+            dist_dirs,
+            method,
+            vocab_fallback,
+            positions,
+            ce_unit,
+            min_weight=min_weight,
         )
         store = TeacherStore(write_teacher_store(store_path, rows))
     try:
@@ -505,6 +730,9 @@ def fuse_train(
             precision=precision,
             log_every=log_every,
             dist=dist,
+            loss_terms=loss_terms,
+            data_parallel=data_parallel,
+            activation_checkpointing=activation_checkpointing,
         )
     finally:
         del store  # unmap before removing the file
@@ -525,6 +753,8 @@ def clm_train(
     precision: str = "fp32",
     log_every: int = 0,
     dist: tuple[int, int] | None = None,
+    data_parallel: str = "ddp",
+    activation_checkpointing: bool = False,
 ) -> dict:
     """Plain causal-LM continual training (``lam = 1``, no sources), same loop and batches as
     ``fuse_train``: the baseline FuseLLM is compared against."""
@@ -550,6 +780,8 @@ def clm_train(
         precision=precision,
         log_every=log_every,
         dist=dist,
+        data_parallel=data_parallel,
+        activation_checkpointing=activation_checkpointing,
     )
 
 
