@@ -157,11 +157,13 @@ Plan = Generator[Batch, Answers, Generation]
 
 
 class Strategy(ABC):
-    """One search run's decisions. Subclasses set ``name``, ``settings_cls`` and implement
-    ``setup``, ``generation``, ``answer``, ``get_state`` and ``set_state``."""
+    """One search run's decisions. Subclasses set ``name``, ``settings_cls`` and ``state_cls``
+    and implement ``setup``, ``generation`` and ``answer``; ``self.state`` is the search state
+    (a dataclass with ``to_dict``/``from_dict``, ``done``, ``best_fitness``, ``generation``)."""
 
     name: ClassVar[str]
     settings_cls: ClassVar[type]
+    state_cls: ClassVar[type]
     #: The setting that counts generations (``--generations`` overrides it).
     generations_key: ClassVar[str] = "generations"
     #: Numeric settings ``search.optuna`` may sample.
@@ -187,12 +189,12 @@ class Strategy(ABC):
     def answer(self) -> Build:
         """The run's result so far, as a build of the current population."""
 
-    @abstractmethod
     def get_state(self) -> dict[str, Any]:
         """A JSON-able checkpoint of the search (with ``set_state``: resume)."""
+        return self.state.to_dict()
 
-    @abstractmethod
-    def set_state(self, state: dict[str, Any]) -> None: ...
+    def set_state(self, state: dict[str, Any]) -> None:
+        self.state = self.state_cls.from_dict(state)
 
     def merger(self) -> tuple[str, dict[str, Any]] | None:
         """The population merger the strategy scores inside (kind, options), if any."""
@@ -203,16 +205,16 @@ class Strategy(ABC):
         return []
 
     @property
-    @abstractmethod
-    def done(self) -> bool: ...
+    def done(self) -> bool:
+        return self.state.done
 
     @property
-    @abstractmethod
-    def generations_done(self) -> int: ...
+    def generations_done(self) -> int:
+        return self.state.generation
 
     @property
-    @abstractmethod
-    def best_fitness(self) -> float: ...
+    def best_fitness(self) -> float:
+        return self.state.best_fitness
 
     @property
     @abstractmethod

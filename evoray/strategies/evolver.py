@@ -172,6 +172,7 @@ class Evolver(Strategy):
 
     name = "evolver"
     settings_cls = EvolverSettings
+    state_cls = EvolverState
     generations_key = "generations"
     searchable = ("F", "CR", "regmean_alpha")
     title = "Evolver"
@@ -284,24 +285,6 @@ class Evolver(Strategy):
     def initial(self) -> tuple[dict[str, Any], dict[str, Build]]:
         out = {"fitness": self.state.fitness, "merged_fitness": self.state.merged_fitness}
         return out, ({"merged_scores": Merged()} if self.settings.merger_mode else {})
-
-    def get_state(self) -> dict[str, Any]:
-        return self.state.to_dict()
-
-    def set_state(self, state: dict[str, Any]) -> None:
-        self.state = EvolverState.from_dict(state)
-
-    @property
-    def done(self) -> bool:
-        return self.state.done
-
-    @property
-    def generations_done(self) -> int:
-        return self.state.generation
-
-    @property
-    def best_fitness(self) -> float:
-        return self.state.best_fitness
 
     @property
     def evaluations(self) -> int:

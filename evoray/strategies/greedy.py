@@ -161,6 +161,7 @@ class KinshipGreedy(Strategy):
 
     name = "kinship_greedy"
     settings_cls = GreedySettings
+    state_cls = GreedyState
     generations_key = "max_generations"
     searchable = ("t", "weight", "density")
     title = "kinship greedy"
@@ -255,24 +256,6 @@ class KinshipGreedy(Strategy):
 
     def initial(self) -> tuple[dict[str, Any], dict[str, Build]]:
         return {"fitness": [c.fitness for c in self.state.candidates]}, {}
-
-    def get_state(self) -> dict[str, Any]:
-        return self.state.to_dict()
-
-    def set_state(self, state: dict[str, Any]) -> None:
-        self.state = GreedyState.from_dict(state)
-
-    @property
-    def done(self) -> bool:
-        return self.state.done
-
-    @property
-    def generations_done(self) -> int:
-        return self.state.generation
-
-    @property
-    def best_fitness(self) -> float:
-        return self.state.best_fitness
 
     @property
     def evaluations(self) -> int:

@@ -106,6 +106,7 @@ class RecipeSearch(Strategy):
 
     name = "recipe_search"
     settings_cls = RecipeSettings
+    state_cls = RecipeState
     generations_key = "rounds"
     searchable = ()  # its ranges are not scalars; it searches weights itself
     title = "recipe search"
@@ -221,9 +222,6 @@ class RecipeSearch(Strategy):
         ]
         return yaml.safe_dump(config, sort_keys=False)
 
-    def get_state(self) -> dict[str, Any]:
-        return self.state.to_dict()
-
     def set_state(self, state: dict[str, Any]) -> None:
         """Tell the evaluated recipes to a fresh study: the search continues from its history
         (not bit-identical to an uninterrupted CMA-ES run)."""
@@ -237,16 +235,8 @@ class RecipeSearch(Strategy):
             )
 
     @property
-    def done(self) -> bool:
-        return self.state.done
-
-    @property
     def generations_done(self) -> int:
         return self.state.round
-
-    @property
-    def best_fitness(self) -> float:
-        return self.state.best_fitness
 
     @property
     def evaluations(self) -> int:
