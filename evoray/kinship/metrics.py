@@ -80,7 +80,9 @@ def kinship_flat(
     if not x.numel() == y.numel() == base.numel():
         raise ValueError(f"sizes differ: {x.numel()}, {y.numel()}, base {base.numel()}")
     sums = KinshipSums()
+    dev = x.device  # a GPU worker's offspring against CPU population vectors: chunks move
     for s in range(0, x.numel(), chunk):
-        b = base[s : s + chunk].float()
-        sums.update(x[s : s + chunk].float() - b, y[s : s + chunk].float() - b)
+        b = base[s : s + chunk].to(dev, torch.float32)
+        xs = x[s : s + chunk].float()
+        sums.update(xs - b, y[s : s + chunk].to(dev, torch.float32) - b)
     return sums
