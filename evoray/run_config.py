@@ -8,6 +8,7 @@ Every field is checked on load and errors name the file and the field.
 
 from __future__ import annotations
 
+import typing
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -17,6 +18,7 @@ from evoray.config import check_keys, read_yaml, unknown_key
 from evoray.errors import ConfigError
 from evoray.evolution.evolver import EvolverSettings
 from evoray.evolution.greedy import GreedySettings
+from evoray.typecheck import check_fields, check_value
 
 # strategy name -> its settings dataclass; the config section of the same name holds them.
 STRATEGIES: dict[str, type] = {
@@ -52,6 +54,27 @@ class ExecutionSpec:
     max_concurrent_trials: int = 1
     torch_threads: int | None = 1
     stats_examples: int = 256
+
+    def __post_init__(self) -> None:
+        """Ranges Ray would otherwise reject mid-run (or wait on forever)."""
+        for name in ("num_workers", "max_concurrent_trials", "stats_examples"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"execution.{name} must be >= 1, got {getattr(self, name)}")
+        if self.torch_threads is not None and self.torch_threads < 1:
+            raise ValueError(
+                f"execution.torch_threads must be >= 1 or null, got {self.torch_threads}"
+            )
+        if not self.cpus_per_worker > 0:
+            raise ValueError(f"execution.cpus_per_worker must be > 0, got {self.cpus_per_worker}")
+        if self.gpus_per_worker < 0:
+            raise ValueError(f"execution.gpus_per_worker must be >= 0, got {self.gpus_per_worker}")
+        for name in ("cpus_per_worker", "gpus_per_worker"):
+            value = getattr(self, name)
+            if value > 1 and value != int(value):  # Ray's rule for resource amounts
+                raise ValueError(
+                    f"execution.{name}: Ray takes fractions only below 1; got {value:g}, "
+                    "use a whole number"
+                )
 
 
 @dataclass(frozen=True)
@@ -98,6 +121,12 @@ class RunConfig:
             raise ConfigError(
                 f"{source}: models.members: list at least 2 fine-tuned models (or use 'zoo: {{}}')"
             )
+        if "zoo" in models:
+            _check_zoo(models["zoo"], source)
+        if models.get("base") is not None:
+            check_value(models["base"], str, "models.base", source)
+        if "members" in models:
+            check_value(models["members"], list[str], "models.members", source)
         models_spec = ModelsSpec(
             zoo=dict(models["zoo"] or {}) if "zoo" in models else None,
             base=models.get("base"),
@@ -107,14 +136,18 @@ class RunConfig:
         own = _section(data, strategy, source)
         names = [f.name for f in fields(cls_)]
         check_keys(own, names, source, f"{strategy}.")
+        check_fields(cls_, own, f"{strategy}.", source)
         search = _section(data, "search", source)
         check_keys(search, ("grid", "optuna"), source, "search.")
         grid = dict(search.get("grid") or {})
+        hints = typing.get_type_hints(cls_)
         for key, values in grid.items():
             if key not in names:
                 _unknown(key, names, source, "search.grid.")
             if not isinstance(values, list) or not values:
                 raise ConfigError(f"{source}: search.grid.{key}: expected a non-empty list")
+            for i, value in enumerate(values):
+                check_value(value, hints[key], f"search.grid.{key}[{i}]", source)
         optuna = search.get("optuna")
         if optuna is not None:
             _check_optuna(optuna, source)
@@ -126,16 +159,24 @@ class RunConfig:
         execution = _section(data, "execution", source)
         exec_names = [f.name for f in fields(ExecutionSpec)]
         check_keys(execution, exec_names, source, "execution.")
+        check_fields(ExecutionSpec, execution, "execution.", source)
+        try:
+            execution_spec = ExecutionSpec(**execution)
+        except ValueError as exc:
+            raise ConfigError(f"{source}: {exc}") from None
         output = _section(data, "output", source)
         check_keys(output, ("run_dir",), source, "output.")
+        if "run_dir" in output:
+            check_value(output["run_dir"], str, "output.run_dir", source)
         tasks = _section(data, "tasks", source) or {"kind": "zoo"}
+        _check_tasks(tasks, source)
         return cls(
             strategy=strategy,
             models=models_spec,
             tasks=dict(tasks),
             settings=dict(own),
             search=SearchSpec(grid=grid, optuna=optuna),
-            execution=ExecutionSpec(**execution),
+            execution=execution_spec,
             run_dir=Path(output.get("run_dir", "runs/evolver")),
             source=source,
         )
@@ -152,6 +193,32 @@ class RunConfig:
 def _tuples(values: dict[str, Any]) -> dict[str, Any]:
     """YAML lists -> tuples for range settings (e.g. recipe_search.weight_range)."""
     return {k: tuple(v) if k.endswith("_range") else v for k, v in values.items()}
+
+
+def _check_tasks(tasks: dict, source: str) -> None:
+    """``tasks``: the fields of ``TaskSpec`` (the dev/test data every worker rebuilds)."""
+    from evoray.execution.worker import TaskSpec
+
+    names = [f.name for f in fields(TaskSpec)]
+    check_keys(tasks, names, source, "tasks.")
+    check_fields(TaskSpec, tasks, "tasks.", source)
+    if tasks.get("kind", "zoo") != "zoo":
+        raise ConfigError(f"{source}: tasks.kind: unknown {tasks['kind']!r}; supported: zoo")
+
+
+def _check_zoo(zoo: Any, source: str) -> None:
+    """``models.zoo``: ``root`` (where to build it) plus the fields of ``ZooSpec``."""
+    from evoray.zoo import ZooSpec
+
+    if zoo is None:
+        return
+    if not isinstance(zoo, Mapping):
+        raise ConfigError(f"{source}: models.zoo: expected a mapping (or {{}} for the defaults)")
+    names = ["root", *(f.name for f in fields(ZooSpec))]
+    check_keys(zoo, names, source, "models.zoo.")
+    if zoo.get("root") is not None:
+        check_value(zoo["root"], str, "models.zoo.root", source)
+    check_fields(ZooSpec, zoo, "models.zoo.", source)
 
 
 def _check_optuna(optuna: Any, source: str) -> None:

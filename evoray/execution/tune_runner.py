@@ -244,8 +244,17 @@ def run_search(
     """Run every trial of a search config under Tune; returns the trials' summaries."""
     from ray.tune import PlacementGroupFactory
 
+    from evoray.execution.capacity import check_trial_capacity
+
     shared = shared or prepare(config)
     ex = config.execution
+    check_trial_capacity(  # a request no node can hold would wait forever
+        ex.num_workers,
+        ex.cpus_per_worker,
+        ex.gpus_per_worker,
+        ex.max_concurrent_trials,
+        source=config.source,
+    )
     # The trial itself only waits on workers: an empty head bundle, so 2 workers fit 2 CPUs.
     bundles = [{}] + [
         {"CPU": ex.cpus_per_worker, **({"GPU": ex.gpus_per_worker} if ex.gpus_per_worker else {})}
