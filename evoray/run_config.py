@@ -8,6 +8,7 @@ Every field is checked on load and errors name the file and the field.
 
 from __future__ import annotations
 
+import os
 import typing
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
@@ -26,6 +27,7 @@ STRATEGIES: dict[str, type] = {
     "kinship_greedy": GreedySettings,
     "recipe_search": None,  # filled lazily (imports optuna)
 }
+DEFAULT_RUN_DIR = "runs/evolver"
 TOP_KEYS = ("strategy", "models", "tasks", *STRATEGIES, "search", "execution", "output")
 
 
@@ -99,10 +101,15 @@ class RunConfig:
         return cls.from_dict(read_yaml(path, "run config"), source=str(path))
 
     @classmethod
-    def from_dict(cls, data: Any, *, source: str = "<config>") -> RunConfig:
+    def from_dict(
+        cls, data: Any, *, source: str = "<config>", cwd: str | Path | None = None
+    ) -> RunConfig:
+        """Check ``data`` and resolve its relative paths against ``cwd`` (default: the current
+        directory): Tune runs each trial in a working directory of its own."""
         if not isinstance(data, Mapping):
             raise ConfigError(f"{source}: expected a mapping at the top level")
         check_keys(data, TOP_KEYS, source, "")
+        data = resolve_paths(data, cwd)
         strategy = data.get("strategy", "evolver")
         if strategy not in STRATEGIES:
             raise ConfigError(
@@ -177,7 +184,9 @@ class RunConfig:
             settings=dict(own),
             search=SearchSpec(grid=grid, optuna=optuna),
             execution=execution_spec,
-            run_dir=Path(output.get("run_dir", "runs/evolver")),
+            run_dir=Path(
+                output.get("run_dir") or _abspath(DEFAULT_RUN_DIR, Path(cwd or Path.cwd()))
+            ),
             source=source,
         )
 
@@ -188,6 +197,46 @@ class RunConfig:
     def make_settings(self, values: dict[str, Any]) -> Any:
         """The strategy's settings object from a trial's values."""
         return settings_class(self.strategy)(**_tuples(values))
+
+
+def resolve_paths(data: Mapping[str, Any], cwd: str | Path | None = None) -> dict[str, Any]:
+    """A copy of a raw run config whose local paths are absolute, against ``cwd`` (default:
+    the current directory): ``models.base``, ``models.members``, ``models.zoo.root`` and
+    ``output.run_dir``. A member that is not a local path (a hub id ``org/name``) stays as
+    given. Values of the wrong type are left for the field checks to name."""
+    base = Path(cwd) if cwd is not None else Path.cwd()
+    out = dict(data)
+    models = out.get("models")
+    if isinstance(models, Mapping):
+        models = out["models"] = dict(models)
+        if isinstance(models.get("base"), str):
+            models["base"] = _model_path(models["base"], base)
+        if isinstance(models.get("members"), list):
+            models["members"] = [
+                _model_path(m, base) if isinstance(m, str) else m for m in models["members"]
+            ]
+        zoo = models.get("zoo")
+        if isinstance(zoo, Mapping) and isinstance(zoo.get("root"), str):
+            models["zoo"] = {**zoo, "root": _abspath(zoo["root"], base)}
+    output = out.get("output")
+    if isinstance(output, Mapping) and isinstance(output.get("run_dir"), str):
+        out["output"] = {**output, "run_dir": _abspath(output["run_dir"], base)}
+    return out
+
+
+def _abspath(text: str, base: Path) -> str:
+    path = Path(text).expanduser()
+    return os.path.normpath(path if path.is_absolute() else base / path)
+
+
+def _model_path(text: str, base: Path) -> str:
+    """A local model path made absolute; a hub id (``org/name``, no such local path) kept."""
+    from evoray.checkpoint import _looks_like_path
+
+    local = Path(text).expanduser()
+    if local.is_absolute() or (base / local).exists() or _looks_like_path(text):
+        return _abspath(text, base)
+    return text
 
 
 def _tuples(values: dict[str, Any]) -> dict[str, Any]:

@@ -25,6 +25,7 @@ class RunInputs:
     member_tasks: tuple[str, ...] | None = None  # each member's own task, for Fisher/RegMean
     stats_examples: int = 256
     cache_dir: str | None = None
+    allow_pickle: bool = False  # the CLI's --allow-pickle: members may be .bin/.pt checkpoints
 
 
 class SearchRun:
@@ -53,8 +54,9 @@ class SearchRun:
     def load_models(self) -> None:
         """Flat vectors of the base and the members, read by the workers into the store."""
         base = self.inputs.base
-        self.base_ref = self.pool.submit("load", base) if base is not None else None
-        self.refs = [self.pool.submit("load", p) for p in self.inputs.members]
+        pickle = self.inputs.allow_pickle
+        self.base_ref = self.pool.submit("load", base, pickle) if base is not None else None
+        self.refs = [self.pool.submit("load", p, pickle) for p in self.inputs.members]
 
     def test_scores(self, ref: ray.ObjectRef) -> dict[str, dict[str, dict[str, float]]]:
         """In-domain test and OOD test scores of one vector (for the final report only)."""

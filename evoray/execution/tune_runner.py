@@ -12,12 +12,16 @@ Per-offspring rows go to the run's Parquet log, one file per generation.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import os
+import sys
 import tempfile
-from dataclasses import asdict, dataclass
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import ray
 from ray import tune
@@ -47,10 +51,20 @@ class Shared:
     gpus_per_worker: float
     run_dir: str
     fail_once_at_generation: int | None = None  # fault injection for tests of restore
+    quiet: bool = False  # trials keep Tune's per-checkpoint INFO lines to themselves
 
 
-def prepare(config: RunConfig) -> Shared:
-    """Resolve models (building the zoo if asked) and the layout, once, on the driver."""
+class RunInterrupted(KeyboardInterrupt):
+    """Ctrl-C stopped the search; Tune saved its state, ``evoray resume RUN_DIR`` continues."""
+
+    def __init__(self, run_dir: str | Path) -> None:
+        super().__init__(str(run_dir))
+        self.run_dir = Path(run_dir)
+
+
+def prepare(config: RunConfig, *, allow_pickle: bool = False) -> Shared:
+    """Resolve models (building the zoo if asked) and the layout, once, on the driver.
+    ``allow_pickle`` lets members and base be pickle (.bin/.pt) checkpoints."""
     from evoray.checkpoint import open_checkpoint
 
     tasks = TaskSpec(**config.tasks) if config.tasks.get("kind", "zoo") != "zoo" else None
@@ -61,8 +75,9 @@ def prepare(config: RunConfig) -> Shared:
         zoo_args = dict(config.models.zoo)
         root = zoo_args.pop("root", None)
         zoo = build_zoo(root, ZooSpec(**zoo_args))
-        members = tuple(str(p) for p in zoo.experts.values())
-        base = str(zoo.base)
+        # absolute: Tune runs each trial in a working directory of its own
+        members = tuple(os.path.abspath(p) for p in zoo.experts.values())
+        base = os.path.abspath(zoo.base)
         member_tasks = tuple(zoo.experts)
         tasks = TaskSpec(
             kind="zoo", seed=zoo.spec.seed, n_domains=zoo.spec.n_domains, n_ood=zoo.spec.n_ood
@@ -70,10 +85,10 @@ def prepare(config: RunConfig) -> Shared:
     else:
         members, base = config.models.members, config.models.base
         tasks = tasks or TaskSpec(**config.tasks)
-    with open_checkpoint(members[0]) as first:
+    with open_checkpoint(members[0], allow_pickle=allow_pickle) as first:
         layout = Layout.from_checkpoint(first)
     for m in [*members[1:], *([base] if base else [])]:
-        with open_checkpoint(m) as ckpt:
+        with open_checkpoint(m, allow_pickle=allow_pickle) as ckpt:
             layout.check(ckpt)
     ex = config.execution
     run_dir = config.run_dir.resolve()
@@ -85,6 +100,7 @@ def prepare(config: RunConfig) -> Shared:
             member_tasks=member_tasks,
             stats_examples=ex.stats_examples,
             cache_dir=str(run_dir / "stats-cache"),
+            allow_pickle=allow_pickle,
         ),
         worker=WorkerSpec(
             model_path=members[0],
@@ -122,6 +138,9 @@ def search_trainable(config: dict[str, Any], shared: Shared) -> None:
     from evoray.run_config import _tuples
     from evoray.runlog import RunLog
 
+    if shared.quiet:  # "Checkpoint successfully created", "Restored on ...": INFO chatter
+        logging.getLogger("ray.train").setLevel(logging.WARNING)
+        logging.getLogger("ray.tune").setLevel(logging.WARNING)
     strategy = config["strategy"]
     values = _tuples(config["settings"])
     name = tune.get_context().get_trial_id() or strategy
@@ -196,7 +215,14 @@ def _finish(run, state, trial_dir: Path) -> dict:
     if hasattr(run, "mergekit_yaml"):
         summary["mergekit_yaml"] = run.mergekit_yaml(state)
         (trial_dir / "recipe.yml").write_text(summary["mergekit_yaml"])
-    save_vector(ref, run.layout, run.pool.spec.model_path, trial_dir / "model", summary)
+    save_vector(
+        ref,
+        run.layout,
+        run.pool.spec.model_path,
+        trial_dir / "model",
+        summary,
+        allow_pickle=run.inputs.allow_pickle,
+    )
     (trial_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     return {"test_mean": _mean(scores["test"]), "ood_mean": _mean(scores.get("ood", {}))}
 
@@ -215,13 +241,18 @@ def _mean(scores: dict[str, dict[str, float]], metric: str = "accuracy") -> floa
     return mean_score(scores, metric) if scores else None
 
 
-def save_vector(ref, layout: Layout, like: str, out_dir: Path, summary: dict) -> Path:
+def save_vector(
+    ref, layout: Layout, like: str, out_dir: Path, summary: dict, *, allow_pickle: bool = False
+) -> Path:
     """Write a population vector as an HF folder, config and tokenizer from ``like``."""
     from evoray.checkpoint import open_checkpoint
     from evoray.export import ModelFolderWriter
 
     flat = flat_from_ref(ref, layout)
-    with open_checkpoint(like) as ckpt, ModelFolderWriter(out_dir, overwrite=True) as w:
+    with (
+        open_checkpoint(like, allow_pickle=allow_pickle) as ckpt,
+        ModelFolderWriter(out_dir, overwrite=True) as w,
+    ):
         for name in ckpt.names():
             w.add(name, flat.tensor(name) if name in layout._by_name else ckpt.get(name))
         w.copy_support_files(ckpt.folder, dtype=layout.storage_dtype)
@@ -259,13 +290,19 @@ def run_search(
     bundles = [{}] + [
         {"CPU": ex.cpus_per_worker, **({"GPU": ex.gpus_per_worker} if ex.gpus_per_worker else {})}
     ] * ex.num_workers
+    shared = replace(shared, quiet=not progress)
     trainable = tune.with_resources(
         tune.with_parameters(search_trainable, shared=shared), PlacementGroupFactory(bundles)
     )
+    callbacks = [] if progress else [ProgressLine()]
     storage = str(Path(shared.run_dir) / "tune")
     name = config.strategy
     if resume and tune.Tuner.can_restore(str(Path(storage) / name)):
         tuner = tune.Tuner.restore(str(Path(storage) / name), trainable, resume_errored=True)
+        run_config = getattr(getattr(tuner, "_local_tuner", None), "_run_config", None)
+        if run_config is not None:  # restore takes no callbacks; the progress line is ours
+            kept = [c for c in run_config.callbacks or [] if not isinstance(c, ProgressLine)]
+            run_config.callbacks = [*kept, *callbacks]
     else:
         param_space, tune_config = _search_space(config)
         tuner = tune.Tuner(
@@ -278,16 +315,115 @@ def run_search(
                 verbose=1 if progress else 0,
                 checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
                 failure_config=tune.FailureConfig(max_failures=2),
+                callbacks=callbacks,
             ),
         )
-    results = tuner.fit()
+    with _tune_output(quiet=not progress):
+        results = tuner.fit()
     summaries = []
     for result in results:
         if result.error:
-            raise result.error
-        trial = Path(shared.run_dir) / "runs" / result.metrics["trial_id"]
+            raise _user_error(result.error)
+        trial_id = (result.metrics or {}).get("trial_id")
+        trial = Path(shared.run_dir) / "runs" / str(trial_id)
+        if trial_id is None or not (trial / "summary.json").is_file():
+            raise RunInterrupted(shared.run_dir)  # Ctrl-C: Tune stopped before the trial ended
         summaries.append(_collect(trial))
     return summaries
+
+
+def _user_error(error: BaseException) -> BaseException:
+    """The EvorayError inside a trial's error (Ray and Tune wrap it), so the CLI prints its
+    one line; any other error unchanged."""
+    from evoray.errors import EvorayError
+
+    seen = error
+    for _ in range(10):
+        cause = getattr(seen, "cause", None) or seen.__cause__
+        if isinstance(seen, EvorayError) and type(seen).__module__.startswith("evoray"):
+            return seen
+        if cause is None:
+            break
+        seen = cause
+    return error
+
+
+class _DropTuneHints(logging.Filter):
+    """Tune's hints name its Python API (``Tuner.restore(...)``); evoray prints its own."""
+
+    NOISE = ("Tuner.restore", "Stop signal received", "Trials did not complete")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not any(n in record.getMessage() for n in self.NOISE)
+
+
+@contextlib.contextmanager
+def _tune_output(*, quiet: bool) -> Iterator[None]:
+    """Tune's driver-side output during ``fit``: its restore hints always replaced by evoray's
+    (``evoray resume RUN_DIR``); with ``quiet`` also its tables and INFO/WARNING chatter
+    (checkpoint and snapshot messages), errors kept."""
+    hints = _DropTuneHints()
+    loggers = [logging.getLogger(n) for n in ("ray.tune", "ray.train", "ray.air")]
+    levels = [lg.level for lg in loggers]
+    env = os.environ.get("RAY_AIR_NEW_OUTPUT")
+    for lg in loggers:
+        lg.addFilter(hints)
+        if quiet:
+            lg.setLevel(logging.ERROR)
+    if quiet:  # the new output engine prints its config table even at verbose=0
+        os.environ["RAY_AIR_NEW_OUTPUT"] = "0"
+    try:
+        yield
+    finally:
+        for lg, level in zip(loggers, levels, strict=True):
+            lg.removeFilter(hints)
+            lg.setLevel(level)
+        if quiet:
+            if env is None:
+                os.environ.pop("RAY_AIR_NEW_OUTPUT", None)
+            else:
+                os.environ["RAY_AIR_NEW_OUTPUT"] = env
+
+
+class ProgressLine(tune.Callback):
+    """``-q``'s one progress line: trial, generation out of total, best dev fitness so far.
+    Rewritten in place on a terminal, one line per generation otherwise."""
+
+    TOTAL_KEY: ClassVar[dict[str, str]] = {
+        "evolver": "generations",
+        "kinship_greedy": "max_generations",
+    }
+
+    def __init__(self) -> None:
+        self.trials: list[str] = []  # no stream kept: Tune pickles its callbacks
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    def on_trial_result(self, iteration, trials, trial, result, **info) -> None:
+        strategy = trial.config.get("strategy", "")
+        total = trial.config.get("settings", {}).get(self.TOTAL_KEY.get(strategy, "rounds"))
+        if trial.trial_id not in self.trials:
+            self.trials.append(trial.trial_id)
+        best = result.get("best_fitness")
+        gen = result.get("generation")
+        if gen is None:
+            return
+        text = (
+            f"evoray: trial {self.trials.index(trial.trial_id) + 1} ({trial.trial_id}) "
+            f"generation {gen}/{total if total is not None else '?'}"
+        )
+        if isinstance(best, int | float):
+            text += f", best dev fitness {best:.4f}"
+        tty = getattr(self.stream, "isatty", lambda: False)()
+        self.stream.write(f"\r\033[K{text}" if tty else text + "\n")
+        self.stream.flush()
+
+    def on_experiment_end(self, trials, **info) -> None:
+        if getattr(self.stream, "isatty", lambda: False)():
+            self.stream.write("\n")
+            self.stream.flush()
 
 
 def _search_space(config: RunConfig):
@@ -319,7 +455,38 @@ def _collect(trial_dir: Path) -> dict:
     return summary
 
 
-def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> None:
-    """Join a cluster (``RAY_ADDRESS``/``address``) or start a local Ray."""
-    if not ray.is_initialized():
-        ray.init(address=address, num_cpus=num_cpus, include_dashboard=False, log_to_driver=True)
+def ensure_ray(
+    address: str | None = None,
+    num_cpus: int | None = None,
+    *,
+    dashboard: bool = True,
+    quiet: bool = False,
+    report=print,
+) -> str | None:
+    """Join a cluster (``RAY_ADDRESS``/``address``) or start a local Ray, with its dashboard
+    bound to 127.0.0.1 (not reachable from other machines) unless ``dashboard`` is False;
+    ``report`` gets the dashboard's URL.  Returns the URL (None without a dashboard)."""
+    if ray.is_initialized():
+        return None
+    joining = address is not None or bool(os.environ.get("RAY_ADDRESS"))
+    kwargs: dict[str, Any] = {"log_to_driver": True}
+    if quiet:
+        kwargs["logging_level"] = logging.ERROR
+    if not joining:  # a cluster's dashboard is the cluster's business
+        kwargs.update(include_dashboard=dashboard, num_cpus=num_cpus)
+        if dashboard:
+            kwargs["dashboard_host"] = "127.0.0.1"
+    ray_log = logging.getLogger("ray")
+    level = ray_log.level
+    if quiet:  # "Started a local Ray instance", token notices: evoray prints the URL itself
+        ray_log.setLevel(logging.ERROR)
+    try:
+        ctx = ray.init(address=address, **kwargs)
+    finally:
+        ray_log.setLevel(level)
+    url = getattr(ctx, "dashboard_url", None)
+    if url and (dashboard or joining):
+        url = url if "://" in url else f"http://{url}"
+        report(f"Ray dashboard: {url}")
+        return url
+    return None
