@@ -134,7 +134,7 @@ def test_ctrl_c_exits_130_with_the_resume_command(tmp_path, small_zoo):
     while not list(log.glob("*/log/gen-000000.parquet")) and time.monotonic() < deadline:
         time.sleep(0.5)
     os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C in a terminal does
-    out, err = proc.communicate(timeout=120)
+    _out, err = proc.communicate(timeout=120)
     assert proc.returncode == 130, err
     assert f"continue with: evoray resume {proj / 'out' / 'run'}" in err
     assert "Traceback" not in err and "Tuner.restore" not in err
