@@ -136,6 +136,8 @@ def _claim_run_dir(config, config_path: Path, *, overwrite: bool) -> None:
             "`evoray run`, so evoray will neither mix a new run into it nor delete it; choose "
             "another folder (--run-dir NEW_DIR)"
         )
+    if [p.name for p in present] == ["config.yml"]:
+        return  # an earlier attempt stopped before any trial ran: nothing to mix or lose
     if not overwrite:
         raise ConfigError(
             f"output.run_dir {run_dir} already holds a run ({names}). Continue it with "

@@ -93,6 +93,12 @@ def test_rerun_refusal_messages(tmp_path, capsys):
     assert (run / "runs").is_dir()
     snap = {"strategy": "evolver", "models": {"zoo": {}}, "output": {"run_dir": str(run)}}
     (run / "config.yml").write_text(yaml.safe_dump(snap))
+    (run / "runs").rmdir()  # an attempt that failed before any trial ran is no run to keep
+    from evoray.cli import _claim_run_dir
+    from evoray.run_config import RunConfig
+
+    _claim_run_dir(RunConfig.from_dict(snap), cfg, overwrite=False)  # no error
+    (run / "runs").mkdir()
     assert main(["run", str(cfg)]) == 2
     err = capsys.readouterr().err
     assert f"evoray resume {run}" in err and "--overwrite" in err
@@ -138,3 +144,25 @@ def test_ctrl_c_exits_130_with_the_resume_command(tmp_path, small_zoo):
     assert proc.returncode == 130, err
     assert f"continue with: evoray resume {proj / 'out' / 'run'}" in err
     assert "Traceback" not in err and "Tuner.restore" not in err
+
+
+def test_run_accepts_the_allow_pickle_its_message_suggests(tmp_path, small_zoo, capsys):
+    from tests.factories import _safetensors_to_pickle
+
+    proj = project(tmp_path, small_zoo)
+    member = proj / "models" / next(iter(small_zoo.experts))
+    _safetensors_to_pickle(member)
+    args = [str(proj / "s.yml"), "--run-dir", str(tmp_path / "r"), "--no-dashboard"]
+    cwd = os.getcwd()
+    os.chdir(proj)
+    try:
+        assert main(["run", *args]) == 2  # refused before Ray starts
+        err = capsys.readouterr().err
+        assert "--allow-pickle" in err and "has no --allow-pickle" not in err
+        from evoray.execution.tune_runner import prepare
+        from evoray.run_config import RunConfig
+
+        shared = prepare(RunConfig.from_yaml(proj / "s.yml"), allow_pickle=True)
+    finally:
+        os.chdir(cwd)
+    assert shared.inputs.allow_pickle and str(member) in shared.inputs.members
