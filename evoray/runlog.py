@@ -272,7 +272,9 @@ class RunLog:
 
 
 def _atomic_write(table: pa.Table, path: Path) -> None:
-    tmp = path.with_name(f"{path.name}.{uuid.uuid4().hex[:8]}.tmp")
+    # A leading '.': pyarrow datasets and pd.read_parquet(log_dir) skip hidden files, so a
+    # reader listing the folder mid-write never opens a half-written temp file.
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
     try:
         with open(tmp, "wb") as f:
             _write_table(table, f)

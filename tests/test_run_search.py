@@ -83,10 +83,38 @@ def test_uninterrupted_run_matches_restored_one(tmp_path, small_zoo, ray_local):
         ({"search": {"optuna": {"space": {"G": [0, 1]}}}}, "optuna.space.G"),
         ({"search": {"optuna": {"space": {"F": [0.9, 0.1]}}}}, "low < high"),
         ({"search": {"optuna": {"num_samples": 0, "space": {"F": [0, 1]}}}}, "num_samples"),
+        # types and ranges name the dotted field and the expected type (issue 13, items 5-6)
+        ({"execution": {"num_workers": "two"}}, "execution.num_workers: expected an integer"),
+        ({"execution": {"num_workers": 0}}, "execution.num_workers must be >= 1"),
+        ({"execution": {"cpus_per_worker": -3}}, "execution.cpus_per_worker must be > 0"),
+        ({"execution": {"gpus_per_worker": 1.5}}, "execution.gpus_per_worker: Ray takes"),
+        ({"execution": {"torch_threads": 0}}, "execution.torch_threads"),
+        ({"execution": {"max_concurrent_trials": True}}, "max_concurrent_trials: expected an"),
+        ({"evolver": {"generations": "two"}}, "evolver.generations: expected an integer"),
+        ({"evolver": {"F": "0.5"}}, "evolver.F: expected a number, got '0.5' (a string)"),
+        ({"evolver": {"fisher_smoothing": "1e-10"}}, "write 1.0e-10"),
+        ({"evolver": {"regmean_alpha": 3}}, "evolver.regmean_alpha must be in [0, 1]"),
+        ({"search": {"grid": {"generations": [1, "2"]}}}, "search.grid.generations[1]"),
+        (
+            {"strategy": "kinship_greedy", "kinship_greedy": {"explore": "yes"}},
+            "kinship_greedy.explore: expected true or false",
+        ),
+        ({"strategy": "kinship_greedy", "kinship_greedy": {"t": 2}}, "kinship_greedy.t"),
+        (
+            {"strategy": "recipe_search", "recipe_search": {"weight_range": [0, "a"]}},
+            "recipe_search.weight_range: expected a list of 2 numbers",
+        ),
+        ({"tasks": {"n_domains": "3"}}, "tasks.n_domains: expected an integer"),
+        ({"tasks": {"domains": 3}}, "did you mean 'n_domains'"),
+        ({"models": {"zoo": {"seed": "a"}}}, "models.zoo.seed: expected an integer"),
+        ({"models": {"zoo": None, "members": ["a", 2]}}, "models.members: expected a list of"),
+        ({"output": {"run_dir": 3}}, "output.run_dir: expected a string"),
     ],
 )
 def test_bad_run_configs(tmp_path, patch, needle):
     data = {"strategy": "evolver", "models": {"zoo": {}}, **patch}
+    if data["models"].get("zoo", {}) is None:  # the members case
+        data["models"] = {"members": data["models"]["members"]}
     with pytest.raises(ConfigError) as err:
         RunConfig.from_dict(data, source="s.yml")
     assert needle in str(err.value) and "s.yml" in str(err.value)
@@ -189,3 +217,33 @@ def test_cli_run_reports_a_corrupt_member_before_starting_ray(tmp_path, small_zo
     assert "model.safetensors" in err and str(members[1]) in err
     snapshot = yaml.safe_load((tmp_path / "run" / "config.yml").read_text())
     assert snapshot["execution"]["gpus_per_worker"] == 0
+
+
+def test_a_request_the_cluster_cannot_hold_fails_before_tune(
+    tmp_path, small_zoo, ray_local, monkeypatch
+):
+    import evoray.execution.capacity as capacity
+    from evoray.execution.capacity import CapacityError
+    from evoray.execution.tune_runner import prepare, run_search
+
+    def config(**execution):
+        data = small_config(tmp_path, small_zoo.root.parent)
+        data["execution"] = execution
+        return RunConfig.from_dict(data, source="s.yml")
+
+    shared = prepare(config())
+    # ray_local has 2 CPUs: without the check these runs wait forever for their workers
+    with pytest.raises(CapacityError, match=r"s\.yml: execution\.cpus_per_worker: .*cpus=64"):
+        run_search(config(num_workers=1, cpus_per_worker=64), shared=shared, progress=False)
+    with pytest.raises(CapacityError, match=r"execution\.num_workers: a trial's 3 workers"):
+        run_search(config(num_workers=3), shared=shared, progress=False)
+    with pytest.raises(CapacityError, match=r"execution\.gpus_per_worker: .*gpus=1"):
+        run_search(config(num_workers=1, gpus_per_worker=1), shared=shared, progress=False)
+    assert not (tmp_path / "run" / "tune").exists()  # Tune never started
+    warnings = []
+    capacity.check_trial_capacity(1, 1, 0, 4, warn=warnings.append)
+    assert "holds 2 trial(s)" in warnings[0]
+    # `--num-cpus 0`: a local Ray without CPUs
+    monkeypatch.setattr(capacity, "cluster_resources", lambda: [{"CPU": 0.0}])
+    with pytest.raises(CapacityError, match=r"cluster has 0 .*--num-cpus"):
+        capacity.check_trial_capacity(2, 1, 0)

@@ -251,6 +251,30 @@ def test_crash_leftovers_are_ignored(log: RunLog, tmp_path: Path) -> None:
     assert len(df) == 3
 
 
+def test_folder_readers_skip_the_temp_file_of_a_write_in_progress(
+    log: RunLog, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    fill(log, 0)
+    log.commit_generation(0)
+    seen: list[pd.DataFrame] = []
+    real_replace = runlog_mod.os.replace
+
+    def read_mid_write(src, dst) -> None:  # the temp file is complete, not yet renamed
+        assert Path(src).exists()
+        seen.append(pd.read_parquet(tmp_path / "log"))
+        real_replace(src, dst)
+
+    monkeypatch.setattr(runlog_mod.os, "replace", read_mid_write)
+    fill(log, 1)
+    log.commit_generation(1)
+    (mid,) = seen
+    assert mid["generation"].unique().tolist() == [0]  # generation 1's temp file was skipped
+    monkeypatch.undo()
+    # a temp file left by a killed writer is skipped too
+    (tmp_path / "log" / ".gen-000002.parquet.1a2b3c4d.tmp").write_bytes(b"PAR1 half")
+    assert sorted(pd.read_parquet(tmp_path / "log")["generation"].unique()) == [0, 1]
+
+
 def test_corrupt_committed_file_is_named(log: RunLog, tmp_path: Path) -> None:
     fill(log, 0)
     path = log.commit_generation(0)

@@ -8,6 +8,8 @@ Every field is checked on load and errors name the file and the field.
 
 from __future__ import annotations
 
+import os
+import typing
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -17,9 +19,11 @@ from evoray.config.reading import check_keys, read_yaml, unknown_key
 from evoray.errors import ConfigError
 from evoray.strategies import get_strategy
 from evoray.strategies import names as strategy_names
+from evoray.typecheck import check_fields, check_value
 
 # Each registered strategy's settings live in the config section of the same name.
 STRATEGIES = strategy_names()
+DEFAULT_RUN_DIR = "runs/evolver"
 TOP_KEYS = ("strategy", "models", "tasks", *STRATEGIES, "search", "execution", "output")
 
 
@@ -40,6 +44,27 @@ class ExecutionSpec:
     max_concurrent_trials: int = 1
     torch_threads: int | None = 1
     stats_examples: int = 256
+
+    def __post_init__(self) -> None:
+        """Ranges Ray would otherwise reject mid-run (or wait on forever)."""
+        for name in ("num_workers", "max_concurrent_trials", "stats_examples"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"execution.{name} must be >= 1, got {getattr(self, name)}")
+        if self.torch_threads is not None and self.torch_threads < 1:
+            raise ValueError(
+                f"execution.torch_threads must be >= 1 or null, got {self.torch_threads}"
+            )
+        if not self.cpus_per_worker > 0:
+            raise ValueError(f"execution.cpus_per_worker must be > 0, got {self.cpus_per_worker}")
+        if self.gpus_per_worker < 0:
+            raise ValueError(f"execution.gpus_per_worker must be >= 0, got {self.gpus_per_worker}")
+        for name in ("cpus_per_worker", "gpus_per_worker"):
+            value = getattr(self, name)
+            if value > 1 and value != int(value):  # Ray's rule for resource amounts
+                raise ValueError(
+                    f"execution.{name}: Ray takes fractions only below 1; got {value:g}, "
+                    "use a whole number"
+                )
 
 
 @dataclass(frozen=True)
@@ -64,10 +89,15 @@ class RunConfig:
         return cls.from_dict(read_yaml(path, "run config"), source=str(path))
 
     @classmethod
-    def from_dict(cls, data: Any, *, source: str = "<config>") -> RunConfig:
+    def from_dict(
+        cls, data: Any, *, source: str = "<config>", cwd: str | Path | None = None
+    ) -> RunConfig:
+        """Check ``data`` and resolve its relative paths against ``cwd`` (default: the current
+        directory): Tune runs each trial in a working directory of its own."""
         if not isinstance(data, Mapping):
             raise ConfigError(f"{source}: expected a mapping at the top level")
         check_keys(data, TOP_KEYS, source, "")
+        data = resolve_paths(data, cwd)
         strategy = data.get("strategy", "evolver")
         if strategy not in STRATEGIES:
             raise ConfigError(
@@ -86,6 +116,12 @@ class RunConfig:
             raise ConfigError(
                 f"{source}: models.members: list at least 2 fine-tuned models (or use 'zoo: {{}}')"
             )
+        if "zoo" in models:
+            _check_zoo(models["zoo"], source)
+        if models.get("base") is not None:
+            check_value(models["base"], str, "models.base", source)
+        if "members" in models:
+            check_value(models["members"], list[str], "models.members", source)
         models_spec = ModelsSpec(
             zoo=dict(models["zoo"] or {}) if "zoo" in models else None,
             base=models.get("base"),
@@ -96,14 +132,18 @@ class RunConfig:
         own = _section(data, strategy, source)
         names = [f.name for f in fields(cls_)]
         check_keys(own, names, source, f"{strategy}.")
+        check_fields(cls_, own, f"{strategy}.", source)
         search = _section(data, "search", source)
         check_keys(search, ("grid", "optuna"), source, "search.")
         grid = dict(search.get("grid") or {})
+        hints = typing.get_type_hints(cls_)
         for key, values in grid.items():
             if key not in names:
                 _unknown(key, names, source, "search.grid.")
             if not isinstance(values, list) or not values:
                 raise ConfigError(f"{source}: search.grid.{key}: expected a non-empty list")
+            for i, value in enumerate(values):
+                check_value(value, hints[key], f"search.grid.{key}[{i}]", source)
         optuna = search.get("optuna")
         if optuna is not None:
             _check_optuna(optuna, strat.searchable, source)
@@ -115,17 +155,27 @@ class RunConfig:
         execution = _section(data, "execution", source)
         exec_names = [f.name for f in fields(ExecutionSpec)]
         check_keys(execution, exec_names, source, "execution.")
+        check_fields(ExecutionSpec, execution, "execution.", source)
+        try:
+            execution_spec = ExecutionSpec(**execution)
+        except ValueError as exc:
+            raise ConfigError(f"{source}: {exc}") from None
         output = _section(data, "output", source)
         check_keys(output, ("run_dir",), source, "output.")
+        if "run_dir" in output:
+            check_value(output["run_dir"], str, "output.run_dir", source)
         tasks = _section(data, "tasks", source) or {"kind": "zoo"}
+        _check_tasks(tasks, source)
         return cls(
             strategy=strategy,
             models=models_spec,
             tasks=dict(tasks),
             settings=dict(own),
             search=SearchSpec(grid=grid, optuna=optuna),
-            execution=ExecutionSpec(**execution),
-            run_dir=Path(output.get("run_dir", "runs/evolver")),
+            execution=execution_spec,
+            run_dir=Path(
+                output.get("run_dir") or _abspath(DEFAULT_RUN_DIR, Path(cwd or Path.cwd()))
+            ),
             source=source,
         )
 
@@ -136,6 +186,73 @@ class RunConfig:
     def make_settings(self, values: dict[str, Any]) -> Any:
         """The strategy's settings object from a trial's values."""
         return get_strategy(self.strategy).make_settings(values)
+
+
+def resolve_paths(data: Mapping[str, Any], cwd: str | Path | None = None) -> dict[str, Any]:
+    """A copy of a raw run config whose local paths are absolute, against ``cwd`` (default:
+    the current directory): ``models.base``, ``models.members``, ``models.zoo.root`` and
+    ``output.run_dir``. A member that is not a local path (a hub id ``org/name``) stays as
+    given. Values of the wrong type are left for the field checks to name."""
+    base = Path(cwd) if cwd is not None else Path.cwd()
+    out = dict(data)
+    models = out.get("models")
+    if isinstance(models, Mapping):
+        models = out["models"] = dict(models)
+        if isinstance(models.get("base"), str):
+            models["base"] = _model_path(models["base"], base)
+        if isinstance(models.get("members"), list):
+            models["members"] = [
+                _model_path(m, base) if isinstance(m, str) else m for m in models["members"]
+            ]
+        zoo = models.get("zoo")
+        if isinstance(zoo, Mapping) and isinstance(zoo.get("root"), str):
+            models["zoo"] = {**zoo, "root": _abspath(zoo["root"], base)}
+    output = out.get("output")
+    if isinstance(output, Mapping) and isinstance(output.get("run_dir"), str):
+        out["output"] = {**output, "run_dir": _abspath(output["run_dir"], base)}
+    return out
+
+
+def _abspath(text: str, base: Path) -> str:
+    path = Path(text).expanduser()
+    return os.path.normpath(path if path.is_absolute() else base / path)
+
+
+def _model_path(text: str, base: Path) -> str:
+    """A local model path made absolute; a hub id (``org/name``, no such local path) kept."""
+    from evoray.weights.checkpoint import _looks_like_path
+
+    local = Path(text).expanduser()
+    if local.is_absolute() or (base / local).exists() or _looks_like_path(text):
+        return _abspath(text, base)
+    return text
+
+
+def _check_tasks(tasks: dict, source: str) -> None:
+    """``tasks``: a registered task kind and that kind's fields."""
+    from evoray.tasks.pool import TASK_KINDS
+
+    kind = tasks.get("kind", "zoo")
+    if kind not in TASK_KINDS:
+        raise ConfigError(f"{source}: tasks.kind: unknown {kind!r}; supported: {list(TASK_KINDS)}")
+    cls = TASK_KINDS[kind]
+    check_keys(tasks, ["kind", *(f.name for f in fields(cls))], source, "tasks.")
+    check_fields(cls, {k: v for k, v in tasks.items() if k != "kind"}, "tasks.", source)
+
+
+def _check_zoo(zoo: Any, source: str) -> None:
+    """``models.zoo``: ``root`` (where to build it) plus the fields of ``ZooSpec``."""
+    from evoray.models.zoo import ZooSpec
+
+    if zoo is None:
+        return
+    if not isinstance(zoo, Mapping):
+        raise ConfigError(f"{source}: models.zoo: expected a mapping (or {{}} for the defaults)")
+    names = ["root", *(f.name for f in fields(ZooSpec))]
+    check_keys(zoo, names, source, "models.zoo.")
+    if zoo.get("root") is not None:
+        check_value(zoo["root"], str, "models.zoo.root", source)
+    check_fields(ZooSpec, zoo, "models.zoo.", source)
 
 
 def _check_optuna(optuna: Any, searchable: tuple[str, ...], source: str) -> None:

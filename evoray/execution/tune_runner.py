@@ -10,12 +10,16 @@ log, one file per generation.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import os
+import sys
 import tempfile
-from dataclasses import asdict, dataclass
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import ray
 from ray import tune
@@ -48,18 +52,37 @@ class Shared:
     gpus_per_worker: float
     run_dir: str
     fail_once_at_generation: int | None = None  # fault injection for tests of restore
+    quiet: bool = False  # trials keep Tune's per-checkpoint INFO lines to themselves
 
 
-def prepare(config: RunConfig) -> Shared:
-    """Resolve models (building the zoo if asked) and the layout, once, on the driver."""
+class RunInterrupted(KeyboardInterrupt):
+    """Ctrl-C stopped the search; Tune saved its state, ``evoray resume RUN_DIR`` continues."""
+
+    def __init__(self, run_dir: str | Path) -> None:
+        super().__init__(str(run_dir))
+        self.run_dir = Path(run_dir)
+
+
+def prepare(
+    config: RunConfig, *, allow_pickle: bool = False, trust_remote_code: bool = False
+) -> Shared:
+    """Resolve models (building the zoo if asked) and the layout, once, on the driver: other
+    architectures, vocabularies or a model unfit for the tasks fail here, before Ray starts.
+    ``allow_pickle`` / ``trust_remote_code`` are ``evoray run``'s checkpoint safety flags."""
     from evoray.models.pool import ModelPool, zoo_pool
 
     if config.models.zoo is not None:
         models, tasks = zoo_pool(config.models.zoo)
     else:
-        models = ModelPool(members=tuple(config.models.members), base=config.models.base)
+        models = ModelPool(
+            members=tuple(config.models.members),
+            base=config.models.base,
+            allow_pickle=allow_pickle,
+            trust_remote_code=trust_remote_code,
+        )
         tasks = make_task_pool(config.tasks, config.source)
     layout = models.layout()
+    models.check_tasks(tasks)
     ex = config.execution
     run_dir = config.run_dir.resolve()
     return Shared(
@@ -75,6 +98,8 @@ def prepare(config: RunConfig) -> Shared:
             tasks=tasks,
             device="cuda" if ex.gpus_per_worker > 0 else "cpu",
             torch_threads=ex.torch_threads,
+            allow_pickle=models.allow_pickle,
+            trust_remote_code=models.trust_remote_code,
         ),
         num_workers=ex.num_workers,
         cpus_per_worker=ex.cpus_per_worker,
@@ -105,6 +130,9 @@ def search_trainable(config: dict[str, Any], shared: Shared) -> None:
     """One search run (any strategy) as a Tune trial: one Tune iteration per generation."""
     from evoray.runlog import RunLog
 
+    if shared.quiet:  # "Checkpoint successfully created", "Restored on ...": INFO chatter
+        logging.getLogger("ray.train").setLevel(logging.WARNING)
+        logging.getLogger("ray.tune").setLevel(logging.WARNING)
     strategy = config["strategy"]
     name = tune.get_context().get_trial_id() or strategy
     trial_dir = Path(shared.run_dir) / "runs" / name
@@ -171,16 +199,23 @@ def _finish(run: SearchRun, trial_dir: Path) -> dict:
     if recipe is not None:
         summary["mergekit_yaml"] = recipe
         (trial_dir / "recipe.yml").write_text(recipe)
-    save_vector(ref, run.layout, run.pool.spec.model_path, trial_dir / "model", summary)
+    spec = run.pool.spec
+    save_vector(ref, run.layout, spec.model_path, trial_dir / "model", summary, spec.allow_pickle)
     (trial_dir / "summary.json").write_text(json.dumps(summary, indent=2))
-    return {"test_mean": _mean(scores["test"]), "ood_mean": _mean(scores.get("ood", {}))}
+    metric = spec.metric  # the run's fitness metric (a causal-LM task has no accuracy)
+    return {
+        "test_mean": _mean(scores["test"], metric),
+        "ood_mean": _mean(scores.get("ood", {}), metric),
+    }
 
 
 def _mean(scores: dict[str, dict[str, float]], metric: str = "accuracy") -> float | None:
     return mean_score(scores, metric) if scores else None
 
 
-def save_vector(ref, layout: Layout, like: str, out_dir: Path, summary: dict) -> Path:
+def save_vector(
+    ref, layout: Layout, like: str, out_dir: Path, summary: dict, allow_pickle: bool = False
+) -> Path:
     """Write a population vector as an HF folder, config and tokenizer from ``like``."""
     from evoray.weights.export import write_flat_model
 
@@ -190,6 +225,7 @@ def save_vector(ref, layout: Layout, like: str, out_dir: Path, summary: dict) ->
         out_dir,
         recipe_yaml=json.dumps(summary["settings"], indent=2),
         method=summary["strategy"],
+        allow_pickle=allow_pickle,
     )
 
 
@@ -203,19 +239,34 @@ def run_search(
     """Run every trial of a search config under Tune; returns the trials' summaries."""
     from ray.tune import PlacementGroupFactory
 
+    from evoray.execution.capacity import check_trial_capacity
+
     shared = shared or prepare(config)
     ex = config.execution
+    check_trial_capacity(  # a request no node can hold would wait forever
+        ex.num_workers,
+        ex.cpus_per_worker,
+        ex.gpus_per_worker,
+        ex.max_concurrent_trials,
+        source=config.source,
+    )
     # The trial itself only waits on workers: an empty head bundle, so 2 workers fit 2 CPUs.
     bundles = [{}] + [
         {"CPU": ex.cpus_per_worker, **({"GPU": ex.gpus_per_worker} if ex.gpus_per_worker else {})}
     ] * ex.num_workers
+    shared = replace(shared, quiet=not progress)
     trainable = tune.with_resources(
         tune.with_parameters(search_trainable, shared=shared), PlacementGroupFactory(bundles)
     )
+    callbacks = [] if progress else [ProgressLine()]
     storage = str(Path(shared.run_dir) / "tune")
     name = config.strategy
     if resume and tune.Tuner.can_restore(str(Path(storage) / name)):
         tuner = tune.Tuner.restore(str(Path(storage) / name), trainable, resume_errored=True)
+        run_config = getattr(getattr(tuner, "_local_tuner", None), "_run_config", None)
+        if run_config is not None:  # restore takes no callbacks; the progress line is ours
+            kept = [c for c in run_config.callbacks or [] if not isinstance(c, ProgressLine)]
+            run_config.callbacks = [*kept, *callbacks]
     else:
         param_space, tune_config = _search_space(config)
         tuner = tune.Tuner(
@@ -228,16 +279,115 @@ def run_search(
                 verbose=1 if progress else 0,
                 checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
                 failure_config=tune.FailureConfig(max_failures=2),
+                callbacks=callbacks,
             ),
         )
-    results = tuner.fit()
+    with _tune_output(quiet=not progress):
+        results = tuner.fit()
     summaries = []
     for result in results:
         if result.error:
-            raise result.error
-        trial = Path(shared.run_dir) / "runs" / result.metrics["trial_id"]
+            raise _user_error(result.error)
+        trial_id = (result.metrics or {}).get("trial_id")
+        trial = Path(shared.run_dir) / "runs" / str(trial_id)
+        if trial_id is None or not (trial / "summary.json").is_file():
+            raise RunInterrupted(shared.run_dir)  # Ctrl-C: Tune stopped before the trial ended
         summaries.append(_collect(trial))
     return summaries
+
+
+def _user_error(error: BaseException) -> BaseException:
+    """The EvorayError inside a trial's error (Ray and Tune wrap it), so the CLI prints its
+    one line; any other error unchanged."""
+    from evoray.errors import EvorayError
+
+    seen = error
+    for _ in range(10):
+        cause = getattr(seen, "cause", None) or seen.__cause__
+        if isinstance(seen, EvorayError) and type(seen).__module__.startswith("evoray"):
+            return seen
+        if cause is None:
+            break
+        seen = cause
+    return error
+
+
+class _DropTuneHints(logging.Filter):
+    """Tune's hints name its Python API (``Tuner.restore(...)``); evoray prints its own."""
+
+    NOISE = ("Tuner.restore", "Stop signal received", "Trials did not complete")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not any(n in record.getMessage() for n in self.NOISE)
+
+
+@contextlib.contextmanager
+def _tune_output(*, quiet: bool) -> Iterator[None]:
+    """Tune's driver-side output during ``fit``: its restore hints always replaced by evoray's
+    (``evoray resume RUN_DIR``); with ``quiet`` also its tables and INFO/WARNING chatter
+    (checkpoint and snapshot messages), errors kept."""
+    hints = _DropTuneHints()
+    loggers = [logging.getLogger(n) for n in ("ray.tune", "ray.train", "ray.air")]
+    levels = [lg.level for lg in loggers]
+    env = os.environ.get("RAY_AIR_NEW_OUTPUT")
+    for lg in loggers:
+        lg.addFilter(hints)
+        if quiet:
+            lg.setLevel(logging.ERROR)
+    if quiet:  # the new output engine prints its config table even at verbose=0
+        os.environ["RAY_AIR_NEW_OUTPUT"] = "0"
+    try:
+        yield
+    finally:
+        for lg, level in zip(loggers, levels, strict=True):
+            lg.removeFilter(hints)
+            lg.setLevel(level)
+        if quiet:
+            if env is None:
+                os.environ.pop("RAY_AIR_NEW_OUTPUT", None)
+            else:
+                os.environ["RAY_AIR_NEW_OUTPUT"] = env
+
+
+class ProgressLine(tune.Callback):
+    """``-q``'s one progress line: trial, generation out of total, best dev fitness so far.
+    Rewritten in place on a terminal, one line per generation otherwise."""
+
+    TOTAL_KEY: ClassVar[dict[str, str]] = {
+        "evolver": "generations",
+        "kinship_greedy": "max_generations",
+    }
+
+    def __init__(self) -> None:
+        self.trials: list[str] = []  # no stream kept: Tune pickles its callbacks
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    def on_trial_result(self, iteration, trials, trial, result, **info) -> None:
+        strategy = trial.config.get("strategy", "")
+        total = trial.config.get("settings", {}).get(self.TOTAL_KEY.get(strategy, "rounds"))
+        if trial.trial_id not in self.trials:
+            self.trials.append(trial.trial_id)
+        best = result.get("best_fitness")
+        gen = result.get("generation")
+        if gen is None:
+            return
+        text = (
+            f"evoray: trial {self.trials.index(trial.trial_id) + 1} ({trial.trial_id}) "
+            f"generation {gen}/{total if total is not None else '?'}"
+        )
+        if isinstance(best, int | float):
+            text += f", best dev fitness {best:.4f}"
+        tty = getattr(self.stream, "isatty", lambda: False)()
+        self.stream.write(f"\r\033[K{text}" if tty else text + "\n")
+        self.stream.flush()
+
+    def on_experiment_end(self, trials, **info) -> None:
+        if getattr(self.stream, "isatty", lambda: False)():
+            self.stream.write("\n")
+            self.stream.flush()
 
 
 def _search_space(config: RunConfig):
@@ -269,7 +419,38 @@ def _collect(trial_dir: Path) -> dict:
     return summary
 
 
-def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> None:
-    """Join a cluster (``RAY_ADDRESS``/``address``) or start a local Ray."""
-    if not ray.is_initialized():
-        ray.init(address=address, num_cpus=num_cpus, include_dashboard=False, log_to_driver=True)
+def ensure_ray(
+    address: str | None = None,
+    num_cpus: int | None = None,
+    *,
+    dashboard: bool = True,
+    quiet: bool = False,
+    report=print,
+) -> str | None:
+    """Join a cluster (``RAY_ADDRESS``/``address``) or start a local Ray, with its dashboard
+    bound to 127.0.0.1 (not reachable from other machines) unless ``dashboard`` is False;
+    ``report`` gets the dashboard's URL.  Returns the URL (None without a dashboard)."""
+    if ray.is_initialized():
+        return None
+    joining = address is not None or bool(os.environ.get("RAY_ADDRESS"))
+    kwargs: dict[str, Any] = {"log_to_driver": True}
+    if quiet:
+        kwargs["logging_level"] = logging.ERROR
+    if not joining:  # a cluster's dashboard is the cluster's business
+        kwargs.update(include_dashboard=dashboard, num_cpus=num_cpus)
+        if dashboard:
+            kwargs["dashboard_host"] = "127.0.0.1"
+    ray_log = logging.getLogger("ray")
+    level = ray_log.level
+    if quiet:  # "Started a local Ray instance", token notices: evoray prints the URL itself
+        ray_log.setLevel(logging.ERROR)
+    try:
+        ctx = ray.init(address=address, **kwargs)
+    finally:
+        ray_log.setLevel(level)
+    url = getattr(ctx, "dashboard_url", None)
+    if url and (dashboard or joining):
+        url = url if "://" in url else f"http://{url}"
+        report(f"Ray dashboard: {url}")
+        return url
+    return None

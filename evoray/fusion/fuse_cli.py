@@ -43,6 +43,11 @@ def add_fuse_parser(subparsers: Any) -> argparse.ArgumentParser:
         "--use-ray", action="store_true", help="override use_ray: true (run every step on Ray)"
     )
     f.add_argument(
+        "--no-dashboard",
+        action="store_true",
+        help="with use_ray: start a local Ray without its dashboard (default: on, at 127.0.0.1)",
+    )
+    f.add_argument(
         "--gpus-per-task",
         type=float,
         default=None,
@@ -253,7 +258,11 @@ def _cmd_fuse(args: argparse.Namespace) -> int:
     if cfg.use_ray:
         from evoray.execution.tune_runner import ensure_ray
 
-        ensure_ray(getattr(args, "address", None), getattr(args, "num_cpus", None))
+        ensure_ray(
+            getattr(args, "address", None),
+            getattr(args, "num_cpus", None),
+            dashboard=not getattr(args, "no_dashboard", False),
+        )
     result = run_fuse(cfg, getattr(args, "out", None))
     if getattr(args, "json", None):
         Path(args.json).write_text(json.dumps(result, indent=2))

@@ -17,35 +17,10 @@ from pathlib import Path
 from typing import Any
 
 from evoray.errors import EvorayError, ray_get
+from evoray.execution.capacity import check_capacity
 from evoray.fusion import FusionError
 
 Job = tuple[Callable[..., dict], dict[str, Any]]
-
-
-def check_capacity(num_cpus: float, num_gpus: float, count: int = 1) -> None:
-    """Fail now, not hang: Ray waits forever for a task no node can hold.  ``count`` tasks that
-    must run at once (data-parallel workers) need that many times the resources in all."""
-    import ray
-
-    nodes = [n.get("Resources", {}) for n in ray.nodes() if n.get("Alive")]
-    for key, want in (("GPU", num_gpus), ("CPU", num_cpus)):
-        if want <= 0:
-            continue
-        largest = max((float(r.get(key, 0)) for r in nodes), default=0.0)
-        total = sum(float(r.get(key, 0)) for r in nodes)
-        name = f"num_{key.lower()}s"
-        if want > largest:
-            raise FusionError(
-                f"each fusion task asks for {key.lower()}s={want:g} but the Ray cluster has "
-                f"{total:g} ({largest:g} on its largest node); lower resources.{name} in the "
-                "fuse config or add nodes"
-            )
-        if want * count > total:
-            raise FusionError(
-                f"{count} data-parallel workers with {key.lower()}s={want:g} each need "
-                f"{want * count:g} but the Ray cluster has {total:g}; lower "
-                f"resources.train_workers or resources.{name}"
-            )
 
 
 def quiet_transformers() -> None:

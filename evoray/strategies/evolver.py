@@ -71,6 +71,10 @@ class EvolverSettings:
             raise ValueError(f"evolver.F must be in (0, 2], got {self.F}")
         if self.generations < 0:
             raise ValueError(f"evolver.generations must be >= 0, got {self.generations}")
+        if not 0.0 <= self.regmean_alpha <= 1.0:
+            raise ValueError(f"evolver.regmean_alpha must be in [0, 1], got {self.regmean_alpha}")
+        if self.fisher_smoothing < 0:
+            raise ValueError(f"evolver.fisher_smoothing must be >= 0, got {self.fisher_smoothing}")
 
     @property
     def merger_mode(self) -> bool:

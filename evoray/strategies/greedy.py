@@ -56,6 +56,15 @@ class GreedySettings:
             raise ValueError(f"kinship_greedy.k must be >= 2, got {self.k}")
         if self.max_generations < 1:
             raise ValueError("kinship_greedy.max_generations must be >= 1")
+        if not 0.0 <= self.t <= 1.0:
+            raise ValueError(f"kinship_greedy.t must be in [0, 1], got {self.t}")
+        if not 0.0 < self.density <= 1.0:
+            raise ValueError(f"kinship_greedy.density must be in (0, 1], got {self.density}")
+        if self.kinship_threshold is not None and not -1.0 <= self.kinship_threshold <= 1.0:
+            raise ValueError(
+                f"kinship_greedy.kinship_threshold must be in [-1, 1] (a Pearson correlation) "
+                f"or null, got {self.kinship_threshold}"
+            )
 
     def recipe(self) -> tuple[str, list[dict], dict, bool]:
         """(method, per-parent settings, global settings, parent_a_is_base) for one pair."""
