@@ -50,16 +50,26 @@ class Shared:
     fail_once_at_generation: int | None = None  # fault injection for tests of restore
 
 
-def prepare(config: RunConfig) -> Shared:
-    """Resolve models (building the zoo if asked) and the layout, once, on the driver."""
+def prepare(
+    config: RunConfig, *, allow_pickle: bool = False, trust_remote_code: bool = False
+) -> Shared:
+    """Resolve models (building the zoo if asked) and the layout, once, on the driver: other
+    architectures, vocabularies or a model unfit for the tasks fail here, before Ray starts.
+    ``allow_pickle`` / ``trust_remote_code`` are ``evoray run``'s checkpoint safety flags."""
     from evoray.models.pool import ModelPool, zoo_pool
 
     if config.models.zoo is not None:
         models, tasks = zoo_pool(config.models.zoo)
     else:
-        models = ModelPool(members=tuple(config.models.members), base=config.models.base)
+        models = ModelPool(
+            members=tuple(config.models.members),
+            base=config.models.base,
+            allow_pickle=allow_pickle,
+            trust_remote_code=trust_remote_code,
+        )
         tasks = make_task_pool(config.tasks, config.source)
     layout = models.layout()
+    models.check_tasks(tasks)
     ex = config.execution
     run_dir = config.run_dir.resolve()
     return Shared(
@@ -75,6 +85,8 @@ def prepare(config: RunConfig) -> Shared:
             tasks=tasks,
             device="cuda" if ex.gpus_per_worker > 0 else "cpu",
             torch_threads=ex.torch_threads,
+            allow_pickle=models.allow_pickle,
+            trust_remote_code=models.trust_remote_code,
         ),
         num_workers=ex.num_workers,
         cpus_per_worker=ex.cpus_per_worker,
@@ -171,7 +183,8 @@ def _finish(run: SearchRun, trial_dir: Path) -> dict:
     if recipe is not None:
         summary["mergekit_yaml"] = recipe
         (trial_dir / "recipe.yml").write_text(recipe)
-    save_vector(ref, run.layout, run.pool.spec.model_path, trial_dir / "model", summary)
+    spec = run.pool.spec
+    save_vector(ref, run.layout, spec.model_path, trial_dir / "model", summary, spec.allow_pickle)
     (trial_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     return {"test_mean": _mean(scores["test"]), "ood_mean": _mean(scores.get("ood", {}))}
 
@@ -180,7 +193,9 @@ def _mean(scores: dict[str, dict[str, float]], metric: str = "accuracy") -> floa
     return mean_score(scores, metric) if scores else None
 
 
-def save_vector(ref, layout: Layout, like: str, out_dir: Path, summary: dict) -> Path:
+def save_vector(
+    ref, layout: Layout, like: str, out_dir: Path, summary: dict, allow_pickle: bool = False
+) -> Path:
     """Write a population vector as an HF folder, config and tokenizer from ``like``."""
     from evoray.weights.export import write_flat_model
 
@@ -190,6 +205,7 @@ def save_vector(ref, layout: Layout, like: str, out_dir: Path, summary: dict) ->
         out_dir,
         recipe_yaml=json.dumps(summary["settings"], indent=2),
         method=summary["strategy"],
+        allow_pickle=allow_pickle,
     )
 
 
