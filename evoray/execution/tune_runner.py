@@ -186,7 +186,11 @@ def _finish(run: SearchRun, trial_dir: Path) -> dict:
     spec = run.pool.spec
     save_vector(ref, run.layout, spec.model_path, trial_dir / "model", summary, spec.allow_pickle)
     (trial_dir / "summary.json").write_text(json.dumps(summary, indent=2))
-    return {"test_mean": _mean(scores["test"]), "ood_mean": _mean(scores.get("ood", {}))}
+    metric = spec.metric  # the run's fitness metric (a causal-LM task has no accuracy)
+    return {
+        "test_mean": _mean(scores["test"], metric),
+        "ood_mean": _mean(scores.get("ood", {}), metric),
+    }
 
 
 def _mean(scores: dict[str, dict[str, float]], metric: str = "accuracy") -> float | None:
