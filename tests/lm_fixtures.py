@@ -54,6 +54,21 @@ CLASSIFIERS = {
     ),
 }
 
+SEQ2SEQ = {
+    "t5": (
+        "T5Config",
+        "T5ForConditionalGeneration",
+        {
+            "d_model": 32,
+            "d_ff": 64,
+            "d_kv": 8,
+            "num_layers": 2,
+            "num_heads": 4,
+            "decoder_start_token_id": 0,
+        },
+    ),
+}
+
 TEXTS = [
     "the cat is on the tree",
     "a dog can run and walk",
@@ -69,7 +84,7 @@ def make_model(path: Path, arch: str, *, seed: int = 0, noise: float = 0.0, **ov
     ``path``; ``noise`` moves every parameter by seeded gaussian noise (a "fine-tune")."""
     import transformers
 
-    cfg_name, cls_name, kw = {**CAUSAL, **CLASSIFIERS}[arch]
+    cfg_name, cls_name, kw = {**CAUSAL, **CLASSIFIERS, **SEQ2SEQ}[arch]
     config = getattr(transformers, cfg_name)(**{**_COMMON, **kw, **overrides})
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
