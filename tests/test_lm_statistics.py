@@ -129,3 +129,25 @@ def test_tied_lm_fisher_names_both(tmp_path: Path) -> None:
     got = fisher_diagonal(model, _split("right"), batch_size=4)
     torch.testing.assert_close(got["lm_head.weight"], got["transformer.wte.weight"])
     assert float(got["transformer.wpe.weight"].sum()) > 0
+
+
+@pytest.mark.parametrize("rows_at_once", [1, 2])
+def test_causal_lm_fisher_gradient_budget(llama, monkeypatch, rows_at_once: int) -> None:
+    """Large models hold fewer per-example gradients at once (down to one row): same numbers."""
+    import evoray.population.statistics as stats
+
+    want = fisher_diagonal(llama, _split("left"), batch_size=5)
+    numel = sum(p.numel() for p in llama.parameters())
+    monkeypatch.setattr(stats, "GRAD_BUDGET_BYTES", 4 * numel * rows_at_once)
+    calls = []
+    real = torch.autograd.grad
+
+    def counting(*args, **kwargs):
+        calls.append(kwargs.get("is_grads_batched", False))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(torch.autograd, "grad", counting)
+    got = fisher_diagonal(llama, _split("left"), batch_size=5)
+    assert len(calls) == (5 if rows_at_once == 1 else 3)
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], rtol=1e-4, atol=1e-10)

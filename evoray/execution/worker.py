@@ -200,6 +200,23 @@ class OffspringWorker:
         with open_checkpoint(path, allow_pickle=allow_pickle or self.spec.allow_pickle) as ckpt:
             return flatten(ckpt, self.spec.layout).data
 
+    def statistics(
+        self,
+        kind: str,
+        models: Any,
+        model_path: str,
+        task_names: list[str] | None,
+        n: int,
+        cache_dir: str | None,
+    ) -> dict[str, torch.Tensor]:
+        """Fisher or RegMean statistics of one member (``models``: the run's ``ModelPool``)
+        on this worker's device, from the run's tasks' training data; CPU tensors back."""
+        from evoray.execution.population import member_statistics
+
+        return member_statistics(
+            kind, models, model_path, self.spec.tasks, task_names, n, cache_dir, str(self.device)
+        )
+
     def build(self, recipe: dict, *population: np.ndarray) -> np.ndarray:
         """An accepted offspring, rebuilt from the population it was bred from."""
         pop = [from_numpy(a) for a in population]

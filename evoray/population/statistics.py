@@ -35,6 +35,8 @@ log = logging.getLogger(__name__)
 FISHER_MODES = ("expected", "empirical")
 STAT_KINDS = ("fisher", "regmean")
 CACHE_VERSION = 1
+# Most per-example gradients held at once by a causal LM's Fisher (float32 bytes).
+GRAD_BUDGET_BYTES = 1 << 30
 # Files whose names, sizes and mtimes identify a model folder's weights (and its config, which
 # can change what the same weights compute, e.g. the number of labels).
 _MODEL_FILE_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".index.json")
@@ -179,9 +181,9 @@ def causal_lm_fisher(
     where ``log p(text)`` sums the log-likelihoods of its labelled tokens (labels != -100).
 
     Batched on the model's device: one forward per ``batch_size`` rows, and the rows'
-    per-example gradients from one vectorised backward (``is_grads_batched``), so it costs
-    ``batch_size`` gradients of memory at once; lower it for large models. A batch whose ops
-    have no batching rule falls back to one backward per row (same result).
+    per-example gradients from vectorised backwards (``is_grads_batched``) of as many rows as
+    fit ``GRAD_BUDGET_BYTES`` (1 GiB) of gradients, one row at a time for larger models. Ops
+    without a vmap batching rule fall back to one backward per row (same result).
     """
     if batch_size < 1:
         raise ConfigError(f"batch_size must be positive, got {batch_size}")
@@ -214,23 +216,31 @@ def causal_lm_fisher(
 
 
 def _per_row_grads(values: torch.Tensor, params: list[nn.Parameter]):
-    """Per-row gradients of ``values`` (1-D) w.r.t. ``params``, each ``(rows, *shape)``."""
+    """Per-row gradients of ``values`` (1-D) w.r.t. ``params``, in chunks of
+    ``(rows, *shape)`` that hold at most ``GRAD_BUDGET_BYTES`` of gradients (one row at a time
+    for a model larger than that)."""
     rows = values.shape[0]
+    numel = sum(p.numel() for p in params)
+    per = max(1, min(rows, GRAD_BUDGET_BYTES // max(1, 4 * numel)))
+    eye = torch.eye(rows, dtype=values.dtype, device=values.device)
+    done = 0
     try:
-        eye = torch.eye(rows, dtype=values.dtype, device=values.device)
-        yield torch.autograd.grad(
-            values,
-            params,
-            grad_outputs=eye,
-            is_grads_batched=True,
-            retain_graph=True,  # the per-row fallback below still needs the graph
-            allow_unused=True,
-            materialize_grads=True,
-        )
-        return
+        while per > 1 and done < rows:
+            stop = min(done + per, rows)
+            grads = torch.autograd.grad(
+                values,
+                params,
+                grad_outputs=eye[done:stop],
+                is_grads_batched=True,
+                retain_graph=True,  # later chunks (or the fallback) need the graph
+                allow_unused=True,
+                materialize_grads=True,
+            )
+            done = stop
+            yield grads
     except RuntimeError as e:  # an op without a vmap batching rule
         log.debug("batched per-example gradients failed (%s); one backward per row", e)
-    for r in range(rows):
+    for r in range(done, rows):
         grads = torch.autograd.grad(
             values[r],
             params,
