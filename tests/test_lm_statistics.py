@@ -151,3 +151,53 @@ def test_causal_lm_fisher_gradient_budget(llama, monkeypatch, rows_at_once: int)
     assert len(calls) == (5 if rows_at_once == 1 else 3)
     for name in want:
         torch.testing.assert_close(got[name], want[name], rtol=1e-4, atol=1e-10)
+
+
+def test_gpt2_conv1d_grams_and_regmean_merge(tmp_path: Path) -> None:
+    """GPT-2's Conv1D layers (weight stored (in, out)) get Grams too, and RegMean solves
+    ``W = (sum G_i)^-1 sum G_i W_i`` for them (from the left), not an average."""
+    from evoray.population.mergers import TRANSPOSED_GRAM, make_merger
+    from evoray.weights.checkpoint import open_checkpoint
+    from evoray.weights.flat import flatten
+    from evoray.weights.layout import Layout
+
+    paths = [make_model(tmp_path / f"g{i}", "gpt2", seed=0, noise=0.05 * i) for i in (1, 2)]
+    grams, flats = [], []
+    for p in paths:
+        model, _ = load_model(str(p))
+        grams.append(regmean_grams(model, _split("left"), batch_size=2))
+        with open_checkpoint(p) as c:
+            layout = Layout.for_model(c)
+            flats.append(flatten(c, layout))
+    key = "transformer.h.0.attn.c_attn.weight"
+    assert grams[0][key + TRANSPOSED_GRAM].shape == (32, 32)
+    # The Gram is of the module's inputs over non-padding tokens (reference: rows alone).
+    model, _ = load_model(str(paths[0]))
+    xs = []
+    h = model.transformer.h[0].attn.c_attn.register_forward_pre_hook(
+        lambda _m, a: xs.append(a[0].detach().reshape(-1, 32))
+    )
+    with torch.no_grad():
+        for row in ROWS:
+            model(input_ids=torch.tensor([row]))
+    h.remove()
+    want = sum(x.T @ x for x in xs) / len(ROWS)
+    torch.testing.assert_close(grams[0][key + TRANSPOSED_GRAM], want, rtol=1e-4, atol=1e-5)
+
+    merger = make_merger("regmean", layout, 2, grams=grams, alpha=1.0, ridge=1e-3)
+    assert any(s.name == key for s, _ in merger.transposed)
+    merged = merger.merge([f.as_tensor() for f in flats])
+    g = [gr[key + TRANSPOSED_GRAM].double() for gr in grams]
+    scale = float(sum(torch.diagonal(x).sum() for x in g) / 32)
+    g = [x + torch.eye(32, dtype=x.dtype) * 1e-3 * scale / 2 for x in g]
+    w = [f.tensor(key).double() for f in flats]
+    closed = torch.linalg.solve(g[0] + g[1], g[0] @ w[0] + g[1] @ w[1])
+    slot = layout.slot(key)
+    got = merged[slot.offset : slot.offset + slot.numel].view(slot.shape)
+    torch.testing.assert_close(got.double(), closed, rtol=1e-4, atol=1e-5)
+    assert not torch.allclose(got, (flats[0].tensor(key) + flats[1].tensor(key)) / 2, atol=1e-4)
+    # The incremental update agrees with the full merge.
+    inc = merged.clone()
+    diff = flats[1].as_tensor() - flats[0].as_tensor()
+    merger.apply_delta(inc, 0, diff)
+    torch.testing.assert_close(inc, merger.merge([flats[1].as_tensor()] * 2), rtol=1e-4, atol=1e-5)

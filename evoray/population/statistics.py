@@ -28,13 +28,14 @@ from safetensors.torch import save_file
 from torch import nn
 
 from evoray.errors import ConfigError, EvorayError
+from evoray.population.mergers import TRANSPOSED_GRAM
 from evoray.tasks.evaluation import EncodedSplit
 
 log = logging.getLogger(__name__)
 
 FISHER_MODES = ("expected", "empirical")
 STAT_KINDS = ("fisher", "regmean")
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: GPT-2 Conv1D Grams
 # Most per-example gradients held at once by a causal LM's Fisher (float32 bytes).
 GRAD_BUDGET_BYTES = 1 << 30
 # Files whose names, sizes and mtimes identify a model folder's weights (and its config, which
@@ -264,7 +265,8 @@ def regmean_grams(
     mask is 0 are dropped; a linear applied once per example, like a classification head, gets
     one row per example). The sum is divided by the number of examples, so models scored on
     splits of different sizes are comparable; RegMean's merge is invariant to a common scale.
-    Linears that are not ``nn.Linear`` (GPT-2's ``Conv1D``) get no Gram and are averaged.
+    GPT-2's ``Conv1D`` (weight stored ``(in, out)``) gets its Gram under
+    ``<module>.weight:in_rows`` (``TRANSPOSED_GRAM``), which RegMean applies from the left.
     A causal-LM split (2-D ``labels``) is run with position ids from its attention mask, so
     left-padded rows give the rows of their unpadded text; every non-padding token is a row
     (prompt tokens too: they are inputs of the layers all the same).
@@ -301,13 +303,16 @@ def regmean_grams(
 
     handles = []
     for name, module in model.named_modules():
+        key = f"{name}.weight" if name else "weight"
         if isinstance(module, nn.Linear):
-            key = f"{name}.weight" if name else "weight"
-            if key not in grams:
-                grams[key] = torch.zeros(
-                    module.in_features, module.in_features, dtype=torch.float32, device=device
-                )
-                handles.append(module.register_forward_pre_hook(hook_for(key), with_kwargs=True))
+            width = module.in_features
+        elif _is_conv1d(module):
+            key, width = key + TRANSPOSED_GRAM, module.weight.shape[0]
+        else:
+            continue
+        if key not in grams:
+            grams[key] = torch.zeros(width, width, dtype=torch.float32, device=device)
+            handles.append(module.register_forward_pre_hook(hook_for(key), with_kwargs=True))
     if not grams:
         raise ConfigError(f"{type(model).__name__} has no nn.Linear layers to compute Grams for")
     was_training = model.training
@@ -327,6 +332,11 @@ def regmean_grams(
             h.remove()
         model.train(was_training)
     return {k: g.div_(n).cpu() for k, g in grams.items()}
+
+
+def _is_conv1d(module: nn.Module) -> bool:
+    """transformers' ``Conv1D`` (GPT-2 family): a linear layer with its weight as (in, out)."""
+    return type(module).__name__ == "Conv1D" and hasattr(module, "nf") and module.weight.dim() == 2
 
 
 # -- cache ------------------------------------------------------------------------------------
