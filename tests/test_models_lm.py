@@ -232,3 +232,21 @@ def test_seq2seq_roundtrip(tmp_path: Path) -> None:
         want = worker.model(input_ids=IDS, decoder_input_ids=dec).logits
         got = reloaded(input_ids=IDS, decoder_input_ids=dec).logits
     torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+def test_other_tokenizer_with_the_same_shapes_is_named(tmp_path: Path) -> None:
+    """Same config and tensor shapes, but a token id means another token: merging would mix
+    embedding rows of different tokens, so the pool refuses naming the id and both models."""
+    a, b = _members(tmp_path, "llama")
+    tj = Path(b) / "tokenizer.json"
+    data = json.loads(tj.read_text())
+    vocab = data["model"]["vocab"]
+    vocab["cat"], vocab["dog"] = vocab["dog"], vocab["cat"]
+    tj.write_text(json.dumps(data))
+    with pytest.raises(LayoutError, match=r"token id \d+ is '(cat|dog)' in .*llama-b but"):
+        ModelPool((a, b)).layout()
+    # An added token past the shared ids is fine.
+    data = json.loads((Path(a) / "tokenizer.json").read_text())
+    data["added_tokens"].append({**data["added_tokens"][0], "id": 64, "content": "<extra>"})
+    tj.write_text(json.dumps(data))
+    ModelPool((a, b)).layout()

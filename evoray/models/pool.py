@@ -79,7 +79,31 @@ class ModelPool:
                 configs[m] = ckpt.config
                 check_same_architecture({self.members[0]: configs[self.members[0]], m: ckpt.config})
                 layout.check(ckpt)
+        self.check_vocabularies()
         return layout
+
+    def check_vocabularies(self) -> None:
+        """A ``LayoutError`` when two models' tokenizers give one token id different tokens:
+        embedding rows would be merged across different tokens (same shapes, so the tensor
+        check cannot see it). Ids only one tokenizer has (added tokens) are allowed."""
+        from evoray.errors import LayoutError
+        from evoray.weights.checkpoint import resolve_model_folder
+
+        ref_path, ref = None, None
+        for m in self.paths:
+            folder = resolve_model_folder(m, allow_pickle=self.allow_pickle)
+            vocab = read_vocabulary(folder)
+            if vocab is None:
+                continue
+            if ref is None:
+                ref_path, ref = m, vocab
+                continue
+            for i in sorted(set(ref) & set(vocab)):
+                if ref[i] != vocab[i]:
+                    raise LayoutError(
+                        f"token id {i} is {vocab[i]!r} in the tokenizer of {m} but {ref[i]!r} "
+                        f"in {ref_path}: models to merge must share one vocabulary"
+                    )
 
     def model_kind(self) -> str:
         """``classifier``, ``causal_lm`` or ``seq2seq``: what the members' config builds."""
@@ -115,6 +139,37 @@ def model_class_name(config: dict[str, Any] | None) -> str:
             if arch.endswith(suffix):
                 return auto
     return "AutoModelForSequenceClassification"
+
+
+def read_vocabulary(folder: Any) -> dict[int, str] | None:
+    """``{id: token}`` of a model folder's tokenizer files (``tokenizer.json``, else
+    ``vocab.json`` or ``vocab.txt``), added tokens included; None if it has none."""
+    import json
+    from pathlib import Path
+
+    folder = Path(folder)
+    out: dict[int, str] = {}
+    tj = folder / "tokenizer.json"
+    try:
+        if tj.is_file():
+            data = json.loads(tj.read_text(encoding="utf-8"))
+            vocab = (data.get("model") or {}).get("vocab")
+            if isinstance(vocab, dict):
+                out.update({int(i): t for t, i in vocab.items()})
+            elif isinstance(vocab, list):  # Unigram: [[token, score], ...]
+                out.update({i: entry[0] for i, entry in enumerate(vocab)})
+            for tok in data.get("added_tokens") or []:
+                out[int(tok["id"])] = tok["content"]
+            return out or None
+        if (folder / "vocab.json").is_file():
+            vocab = json.loads((folder / "vocab.json").read_text(encoding="utf-8"))
+            return {int(i): t for t, i in vocab.items()}
+        if (folder / "vocab.txt").is_file():
+            lines = (folder / "vocab.txt").read_text(encoding="utf-8").splitlines()
+            return dict(enumerate(lines))
+    except (OSError, ValueError, KeyError, TypeError, IndexError) as exc:
+        raise CheckpointError(f"{folder}: cannot read the tokenizer's vocabulary ({exc})") from None
+    return None
 
 
 def member_kind(path: str, *, allow_pickle: bool = False) -> str:
