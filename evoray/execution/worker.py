@@ -188,7 +188,8 @@ class OffspringWorker:
 
     def _split(self, split: str) -> dict[str, EncodedSplit]:
         data = self.spec.tasks.encode(self._tokenizer, split)
-        return {n: s.to(self.device) for n, s in data.items()}
+        # Data of kinds that are not tensors (lm-eval requests) stays as it is.
+        return {n: s.to(self.device) if hasattr(s, "to") else s for n, s in data.items()}
 
     # -- population updates, run here so no extra processes start and no weights reach the driver
 
