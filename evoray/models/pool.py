@@ -8,6 +8,7 @@ are refused the same way everywhere, and the model class follows the checkpoint'
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from evoray.errors import CheckpointError
@@ -70,14 +71,13 @@ class ModelPool:
         from evoray.weights.checkpoint import open_checkpoint
         from evoray.weights.layout import Layout, check_same_architecture
 
-        configs: dict[str, Any] = {}
-        with open_checkpoint(self.members[0], allow_pickle=self.allow_pickle) as first:
+        first_path = self.members[0]
+        with open_checkpoint(first_path, allow_pickle=self.allow_pickle) as first:
             layout = Layout.for_model(first)
-            configs[self.members[0]] = first.config
+            first_config = first.config
         for m in self.paths[1:]:
             with open_checkpoint(m, allow_pickle=self.allow_pickle) as ckpt:
-                configs[m] = ckpt.config
-                check_same_architecture({self.members[0]: configs[self.members[0]], m: ckpt.config})
+                check_same_architecture({first_path: first_config, m: ckpt.config})
                 layout.check(ckpt)
         self.check_vocabularies()
         return layout
@@ -91,6 +91,8 @@ class ModelPool:
 
         ref_path, ref = None, None
         for m in self.paths:
+            if Path(m).is_file():  # a bare weights file: no tokenizer to compare
+                continue
             folder = resolve_model_folder(m, allow_pickle=self.allow_pickle)
             vocab = read_vocabulary(folder)
             if vocab is None:
@@ -145,7 +147,6 @@ def read_vocabulary(folder: Any) -> dict[int, str] | None:
     """``{id: token}`` of a model folder's tokenizer files (``tokenizer.json``, else
     ``vocab.json`` or ``vocab.txt``), added tokens included; None if it has none."""
     import json
-    from pathlib import Path
 
     folder = Path(folder)
     out: dict[int, str] = {}
@@ -184,7 +185,7 @@ def task_model_kinds(tasks: Any) -> dict[str, str]:
     """``{task kind: model kind}`` a task pool needs: its ``model_kind`` if it says, else by
     its ``kind`` (a pool of several kinds lists them in ``kinds``)."""
     own = getattr(tasks, "model_kind", None)
-    kinds = list(getattr(tasks, "kinds", None) or [getattr(tasks, "kind", None)])
+    kinds = list(getattr(tasks, "kinds", None) or [getattr(tasks, "kind", type(tasks).__name__)])
     out = {}
     for k in kinds:
         need = own if isinstance(own, str) else TASK_MODEL_KINDS.get(k)
