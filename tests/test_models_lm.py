@@ -250,3 +250,23 @@ def test_other_tokenizer_with_the_same_shapes_is_named(tmp_path: Path) -> None:
     data["added_tokens"].append({**data["added_tokens"][0], "id": 64, "content": "<extra>"})
     tj.write_text(json.dumps(data))
     ModelPool((a, b)).layout()
+
+
+def test_tied_and_untied_heads_are_named(tmp_path: Path) -> None:
+    a, _ = _members(tmp_path, "llama-tied")
+    u = make_model(tmp_path / "untied", "llama")
+    with pytest.raises(LayoutError, match=r"'tie_word_embeddings' is False in .*untied but True"):
+        ModelPool((a, str(u))).layout()
+
+
+def test_untied_default_of_the_model_type_is_respected(tmp_path: Path) -> None:
+    """A Llama config.json without tie_word_embeddings is untied (Llama's default), so its
+    lm_head stays a tensor of its own in the weight space."""
+    a, b = _members(tmp_path, "llama")
+    for m in (a, b):
+        f = Path(m) / "config.json"
+        cfg = json.loads(f.read_text())
+        del cfg["tie_word_embeddings"]
+        f.write_text(json.dumps(cfg))
+    layout = ModelPool((a, b)).layout()
+    assert "lm_head.weight" in layout.names and layout.tied == ()

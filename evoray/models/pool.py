@@ -78,6 +78,7 @@ class ModelPool:
         for m in self.paths[1:]:
             with open_checkpoint(m, allow_pickle=self.allow_pickle) as ckpt:
                 check_same_architecture({first_path: first_config, m: ckpt.config})
+                _check_same_tying(first_path, first_config, m, ckpt.config)
                 layout.check(ckpt)
         self.check_vocabularies()
         return layout
@@ -141,6 +142,21 @@ def model_class_name(config: dict[str, Any] | None) -> str:
             if arch.endswith(suffix):
                 return auto
     return "AutoModelForSequenceClassification"
+
+
+def _check_same_tying(a: str, ca: dict | None, b: str, cb: dict | None) -> None:
+    """A tied and an untied head are different weight spaces (one evolves the head apart)."""
+    from evoray.errors import LayoutError
+    from evoray.weights.layout import ties_embeddings
+
+    if ca is None or cb is None:
+        return
+    ta, tb = ties_embeddings(ca), ties_embeddings(cb)
+    if ta != tb:
+        raise LayoutError(
+            f"config field 'tie_word_embeddings' is {tb!r} in {b} but {ta!r} in {a}: models to "
+            "merge must share one architecture (tie or untie the head in all of them)"
+        )
 
 
 def read_vocabulary(folder: Any) -> dict[int, str] | None:

@@ -172,13 +172,26 @@ class Layout:
                 )
 
 
+def ties_embeddings(config: Mapping[str, Any]) -> bool:
+    """``tie_word_embeddings`` of a config.json: its value, else its model type's default in
+    transformers (Llama's is False, GPT-2's True), else transformers' general default (True)."""
+    if "tie_word_embeddings" in config:
+        return bool(config["tie_word_embeddings"])
+    try:
+        from transformers import CONFIG_MAPPING
+
+        return bool(getattr(CONFIG_MAPPING[config["model_type"]](), "tie_word_embeddings", True))
+    except Exception:  # unknown or custom model type: transformers' PretrainedConfig default
+        return True
+
+
 def tied_pairs(
     config: Mapping[str, Any] | None, names: Iterable[str]
 ) -> tuple[tuple[str, str], ...]:
     """``(head, embedding)`` pairs of ``names`` that ``config`` ties (``tie_word_embeddings``,
     True when absent, as in transformers). Checkpoints saved by transformers already leave the
     tied head out; some exporters write both copies."""
-    if config is None or not config.get("tie_word_embeddings", True):
+    if config is None or not ties_embeddings(config):
         return ()
     names = list(names)
     embeddings = [n for n in names if n.endswith(_EMBEDDING_SUFFIXES)]
