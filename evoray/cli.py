@@ -214,7 +214,11 @@ def _run(config, args: argparse.Namespace, *, resume: bool) -> int:
     quiet = args.quiet and not getattr(args, "verbose", False)  # -v brings Tune's output back
     try:
         # models and layouts are checked before Ray starts
-        shared = prepare(config, allow_pickle=getattr(args, "allow_pickle", False))
+        shared = prepare(
+            config,
+            allow_pickle=getattr(args, "allow_pickle", False),
+            trust_remote_code=getattr(args, "trust_remote_code", False),
+        )
         ensure_ray(args.address, args.num_cpus, dashboard=not args.no_dashboard, quiet=quiet)
         summaries = run_search(config, shared=shared, resume=resume, progress=not quiet)
     except KeyboardInterrupt:  # a second Ctrl-C, or one before Tune took over
@@ -246,6 +250,11 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
         "--allow-pickle",
         action="store_true",
         help="also read pickle (.bin/.pt) members and base; only for checkpoints you trust",
+    )
+    p.add_argument(
+        "--trust-remote-code",
+        action="store_true",
+        help="allow models whose config needs their own Python code (auto_map)",
     )
     p.add_argument("-q", "--quiet", action="store_true", help="results and a progress line only")
     p.add_argument(

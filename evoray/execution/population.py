@@ -51,6 +51,35 @@ class RunInputs:
         return self.models.base
 
 
+def member_statistics(
+    kind: str,
+    models: ModelPool,
+    model_path: str,
+    tasks: TaskPool,
+    task_names: Sequence[str] | None,
+    n: int,
+    cache_dir: str | None,
+    device: str = "cpu",
+) -> dict:
+    """Fisher diagonals or RegMean Grams of one member on its training data (cached on disk),
+    computed on ``device`` (a worker's: statistics of a causal LM want its GPU)."""
+    from evoray.population.statistics import cached_statistics, fisher_diagonal, regmean_grams
+
+    def compute() -> dict:
+        model, tok = models.load(model_path)
+        model = model.to(device)
+        split = tasks.train_batch(tok, task_names, n)
+        if kind == "fisher":
+            return fisher_diagonal(model, split)
+        return regmean_grams(model, split)
+
+    names = list(task_names) if task_names else tasks.names()
+    key = f"train-{'+'.join(names)}-{max(1, n // len(names))}"
+    if cache_dir is None:
+        return compute()
+    return cached_statistics(kind, Path(model_path), key, compute, Path(cache_dir))
+
+
 @ray.remote(num_cpus=0)
 def compute_statistics(
     kind: str,
@@ -61,22 +90,8 @@ def compute_statistics(
     n: int,
     cache_dir: str | None,
 ) -> dict:
-    """Fisher diagonals or RegMean Grams of one member on its training data (cached on disk)."""
-    from evoray.population.statistics import cached_statistics, fisher_diagonal, regmean_grams
-
-    model, tok = models.load(model_path)
-    split = tasks.train_batch(tok, task_names, n)
-
-    def compute() -> dict:
-        if kind == "fisher":
-            return fisher_diagonal(model, split)
-        return regmean_grams(model, split)
-
-    names = list(task_names) if task_names else tasks.names()
-    key = f"train-{'+'.join(names)}-{max(1, n // len(names))}"
-    if cache_dir is None:
-        return compute()
-    return cached_statistics(kind, Path(model_path), key, compute, Path(cache_dir))
+    """``member_statistics`` as a Ray task on the CPU (the workers run it on their device)."""
+    return member_statistics(kind, models, model_path, tasks, task_names, n, cache_dir)
 
 
 class RayPopulation:
@@ -107,13 +122,14 @@ class RayPopulation:
             merger = make_merger("average", self.layout, n)
         else:
             tasks = inp.models.member_tasks or (None,) * n
+            # On the workers: their device, and no extra processes.
             stats = ray.get(
                 [
-                    compute_statistics.remote(
+                    self.pool.submit(
+                        "statistics",
                         kind,
                         inp.models,
                         m,
-                        inp.tasks,
                         None if t is None else [t],
                         inp.stats_examples,
                         inp.cache_dir,

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from evoray.kinship.metrics import kinship_flat
-from evoray.models.pool import load_model
+from evoray.models.pool import check_model_for_tasks, load_model
 from evoray.strategies.de import Recipe, build_offspring
 from evoray.tasks.evaluation import EncodedSplit, mean_score
 from evoray.tasks.pool import TaskPool, ZooTasks
@@ -38,12 +38,19 @@ class WorkerSpec:
     metric: str = "accuracy"
     batch_size: int = 512
     torch_threads: int | None = None
+    allow_pickle: bool = False  # the run's checkpoint safety settings (``ModelPool``'s)
+    trust_remote_code: bool = False
 
 
 def bind_parameters(
     model: torch.nn.Module, flat: FlatWeights | torch.Tensor, layout: Layout
 ) -> None:
-    """Make every floating tensor of ``model`` a view into ``flat`` (same device and dtype)."""
+    """Make every floating tensor of ``model`` a view into ``flat`` (same device and dtype).
+
+    A tied head (``layout.tied``) is the same parameter as its embedding, so binding the
+    embedding binds both and they stay tied. A floating parameter outside the layout would
+    keep whatever the model was built with (a randomly initialised head) while the search
+    believes it controls the whole model, so it is an error naming the tensor."""
     buf = flat.as_tensor() if isinstance(flat, FlatWeights) else flat
     for s in layout.slots:
         view = buf[s.offset : s.offset + s.numel].view(s.shape)
@@ -57,6 +64,15 @@ def bind_parameters(
             )
         view.copy_(target.detach())
         target.data = view
+    start = buf.data_ptr()
+    end = start + buf.numel() * buf.element_size()
+    for name, p in model.named_parameters():
+        if p.is_floating_point() and not start <= p.data_ptr() < end:
+            raise ValueError(
+                f"model tensor {name} is not in the weight space of {layout.source or 'the run'}"
+                " (the checkpoint has no such tensor, so the model would keep a random init); "
+                "load the checkpoint as its own architecture class (config.json architectures)"
+            )
 
 
 class OffspringWorker:
@@ -68,7 +84,13 @@ class OffspringWorker:
         self.spec = spec
         self.device = torch.device(spec.device)
         layout = spec.layout
-        model, tok = load_model(spec.model_path, dtype=layout.storage_dtype)
+        check_model_for_tasks(spec.model_path, spec.tasks, allow_pickle=spec.allow_pickle)
+        model, tok = load_model(
+            spec.model_path,
+            dtype=layout.storage_dtype,
+            allow_pickle=spec.allow_pickle,
+            trust_remote_code=spec.trust_remote_code,
+        )
         self.buffer = torch.empty(layout.numel, dtype=layout.storage_dtype, device=self.device)
         self.model = model.to(self.device).eval()
         bind_parameters(self.model, self.buffer, layout)
@@ -166,7 +188,8 @@ class OffspringWorker:
 
     def _split(self, split: str) -> dict[str, EncodedSplit]:
         data = self.spec.tasks.encode(self._tokenizer, split)
-        return {n: s.to(self.device) for n, s in data.items()}
+        # Data of kinds that are not tensors (lm-eval requests) stays as it is.
+        return {n: s.to(self.device) if hasattr(s, "to") else s for n, s in data.items()}
 
     # -- population updates, run here so no extra processes start and no weights reach the driver
 
@@ -175,8 +198,25 @@ class OffspringWorker:
         from evoray.weights.checkpoint import open_checkpoint
         from evoray.weights.flat import flatten
 
-        with open_checkpoint(path, allow_pickle=allow_pickle) as ckpt:
+        with open_checkpoint(path, allow_pickle=allow_pickle or self.spec.allow_pickle) as ckpt:
             return flatten(ckpt, self.spec.layout).data
+
+    def statistics(
+        self,
+        kind: str,
+        models: Any,
+        model_path: str,
+        task_names: list[str] | None,
+        n: int,
+        cache_dir: str | None,
+    ) -> dict[str, torch.Tensor]:
+        """Fisher or RegMean statistics of one member (``models``: the run's ``ModelPool``)
+        on this worker's device, from the run's tasks' training data; CPU tensors back."""
+        from evoray.execution.population import member_statistics
+
+        return member_statistics(
+            kind, models, model_path, self.spec.tasks, task_names, n, cache_dir, str(self.device)
+        )
 
     def build(self, recipe: dict, *population: np.ndarray) -> np.ndarray:
         """An accepted offspring, rebuilt from the population it was bred from."""

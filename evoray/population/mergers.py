@@ -28,6 +28,9 @@ from evoray.weights.layout import Layout, Slot
 log = logging.getLogger(__name__)
 
 MERGER_KINDS = ("average", "fisher", "regmean")
+# Key suffix of a Gram for a weight stored (in, out), as GPT-2's ``Conv1D`` (``y = x W + b``):
+# RegMean multiplies it from the left instead of the right.
+TRANSPOSED_GRAM = ":in_rows"
 
 
 @runtime_checkable
@@ -209,11 +212,16 @@ class RegMeanMerger(_LinearMerger):
         self.alpha = alpha
         self.ridge = ridge
         self.linear: list[tuple[Slot, Tensor]] = []  # (slot, A of shape (N, in, in))
+        # Weights stored (in, out) (GPT-2's Conv1D; Grams keyed name + TRANSPOSED_GRAM).
+        self.transposed: list[tuple[Slot, Tensor]] = []
         averaged: list[Slot] = []
-        names = set(layout.names)
+        names = set(layout.names) | {n + TRANSPOSED_GRAM for n in layout.names}
         unknown = {k for g in grams for k in g if k not in names}
         for slot in layout.slots:
-            have = [slot.name in g for g in grams]
+            key, side = slot.name, self.linear
+            if not any(key in g for g in grams) and any(key + TRANSPOSED_GRAM in g for g in grams):
+                key, side = key + TRANSPOSED_GRAM, self.transposed
+            have = [key in g for g in grams]
             if not any(have):
                 averaged.append(slot)
                 continue
@@ -222,11 +230,13 @@ class RegMeanMerger(_LinearMerger):
                     f"the Gram for tensor {slot.name!r} is missing for model {have.index(False)} "
                     "but present for others; compute every model's Grams the same way"
                 )
-            coef = self._coefficients(slot, [g[slot.name] for g in grams])
+            coef = self._coefficients(
+                slot, [g[key] for g in grams], in_dim=0 if side is self.transposed else 1
+            )
             if coef is None:
                 averaged.append(slot)
             else:
-                self.linear.append((slot, coef))
+                side.append((slot, coef))
         if not any(k in names for g in grams for k in g):
             example = f" (e.g. {sorted(unknown)[0]!r})" if unknown else ""
             raise ConfigError(
@@ -237,13 +247,13 @@ class RegMeanMerger(_LinearMerger):
             log.info("RegMean ignores Grams of %d tensors not in the layout", len(unknown))
         self._avg_runs = _runs(averaged)
 
-    def _coefficients(self, slot: Slot, grams: list[Tensor]) -> Tensor | None:
+    def _coefficients(self, slot: Slot, grams: list[Tensor], in_dim: int = 1) -> Tensor | None:
         if len(slot.shape) != 2:
             raise ConfigError(
                 f"tensor {slot.name!r} has shape {list(slot.shape)}; RegMean Grams belong to "
                 "2-D linear weights only"
             )
-        d = slot.shape[1]
+        d = slot.shape[in_dim]
         for i, g in enumerate(grams):
             if tuple(g.shape) != (d, d):
                 raise ConfigError(
@@ -297,9 +307,14 @@ class RegMeanMerger(_LinearMerger):
             sl = slice(slot.offset, slot.offset + slot.numel)
             w = t[sl].view(slot.shape).to(torch.float32)
             out[sl].view(slot.shape).addmm_(w, a[i])
+        for slot, a in self.transposed:  # W stored (in, out): A_i^T W = S^-1 G~_i W
+            sl = slice(slot.offset, slot.offset + slot.numel)
+            w = t[sl].view(slot.shape).to(torch.float32)
+            out[sl].view(slot.shape).addmm_(a[i].T, w)
 
     def to(self, device: torch.device | str) -> RegMeanMerger:
         self.linear = [(s, a.to(device)) for s, a in self.linear]
+        self.transposed = [(s, a.to(device)) for s, a in self.transposed]
         return self
 
 

@@ -28,13 +28,16 @@ from safetensors.torch import save_file
 from torch import nn
 
 from evoray.errors import ConfigError, EvorayError
+from evoray.population.mergers import TRANSPOSED_GRAM
 from evoray.tasks.evaluation import EncodedSplit
 
 log = logging.getLogger(__name__)
 
 FISHER_MODES = ("expected", "empirical")
 STAT_KINDS = ("fisher", "regmean")
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: GPT-2 Conv1D Grams
+# Most per-example gradients held at once by a causal LM's Fisher (float32 bytes).
+GRAD_BUDGET_BYTES = 1 << 30
 # Files whose names, sizes and mtimes identify a model folder's weights (and its config, which
 # can change what the same weights compute, e.g. the number of labels).
 _MODEL_FILE_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".index.json")
@@ -61,9 +64,14 @@ def fisher_diagonal(
     split: EncodedSplit,
     *,
     n_examples: int | None = None,
-    mode: str = "expected",
+    mode: str | None = None,
+    batch_size: int = 8,
 ) -> dict[str, torch.Tensor]:
-    """Diagonal Fisher of a sequence classifier: mean over examples of ``(d log p(y|x))^2``.
+    """Diagonal Fisher: mean over examples of ``(d log p(y|x))^2``.
+
+    A split with 2-D ``labels`` (a causal LM's token ids, -100 where no loss is taken) goes to
+    ``causal_lm_fisher`` (gold tokens, ``batch_size`` rows per forward). Otherwise the model is
+    a sequence classifier, as below; ``mode`` defaults to ``"expected"`` for it.
 
     ``mode="expected"`` takes the exact expectation over labels under the model's own
     ``p(y|x)`` (the true Fisher, as in Matena & Raffel); ``"empirical"`` uses the gold label.
@@ -77,6 +85,14 @@ def fisher_diagonal(
     Floating buffers in the ``state_dict`` get zeros, so a Fisher merge averages them; a tied
     parameter appears under each of its names.
     """
+    if split.labels.dim() == 2:
+        if mode not in (None, "empirical"):
+            raise ConfigError(
+                f"Fisher mode {mode!r} is not available for causal LMs (the expectation over "
+                "the vocabulary at every position is intractable); use 'empirical' (gold tokens)"
+            )
+        return causal_lm_fisher(model, split, n_examples=n_examples, batch_size=batch_size)
+    mode = mode or "expected"
     if mode not in FISHER_MODES:
         raise ConfigError(f"Fisher mode {mode!r} is unknown; use one of {list(FISHER_MODES)}")
     n = _rows(split, n_examples)
@@ -122,6 +138,14 @@ def fisher_diagonal(
         for p, r in zip(params, requires, strict=True):
             p.requires_grad_(r)
         model.train(was_training)
+    return _by_name(model, params, acc, n)
+
+
+def _by_name(
+    model: nn.Module, params: list[nn.Parameter], acc: list[torch.Tensor], n: int
+) -> dict[str, torch.Tensor]:
+    """Accumulated squared gradients / n, keyed by every parameter name (tied ones too) and
+    zeros for floating buffers."""
     by_param = {id(p): a.div_(n).cpu() for p, a in zip(params, acc, strict=True)}
     out: dict[str, torch.Tensor] = {}
     seen: set[int] = set()
@@ -133,6 +157,99 @@ def fisher_diagonal(
         if name not in out and t.is_floating_point():
             out[name] = torch.zeros(t.shape, dtype=torch.float32)
     return out
+
+
+def _lm_targets(split: EncodedSplit, sl: slice, device: torch.device):
+    """Inputs, position ids, next-token targets and their validity for rows ``sl`` of a
+    causal-LM split (as in ``lm_perplexity``: a target counts if it is a label and the
+    position predicting it is real text; positions follow the mask, so left padding is fine)."""
+    ids = split.input_ids[sl].to(device)
+    mask = split.attention_mask[sl].to(device)
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    targets = split.labels[sl, 1:].to(device)
+    valid = (targets != -100) & (mask[:, :-1] == 1)
+    return ids, mask, positions, targets, valid
+
+
+def causal_lm_fisher(
+    model: nn.Module,
+    split: EncodedSplit,
+    *,
+    n_examples: int | None = None,
+    batch_size: int = 8,
+) -> dict[str, torch.Tensor]:
+    """Diagonal empirical Fisher of a causal LM: mean over texts of ``(d log p(text))^2``,
+    where ``log p(text)`` sums the log-likelihoods of its labelled tokens (labels != -100).
+
+    Batched on the model's device: one forward per ``batch_size`` rows, and the rows'
+    per-example gradients from vectorised backwards (``is_grads_batched``) of as many rows as
+    fit ``GRAD_BUDGET_BYTES`` (1 GiB) of gradients, one row at a time for larger models. Ops
+    without a vmap batching rule fall back to one backward per row (same result).
+    """
+    if batch_size < 1:
+        raise ConfigError(f"batch_size must be positive, got {batch_size}")
+    n = _rows(split, n_examples)
+    device = _device(model)
+    params = list(model.parameters())
+    acc = [torch.zeros(p.shape, dtype=torch.float32, device=device) for p in params]
+    was_training = model.training
+    requires = [p.requires_grad for p in params]
+    model.eval()
+    try:
+        for p in params:
+            p.requires_grad_(True)
+        with torch.enable_grad():
+            for start in range(0, n, batch_size):
+                sl = slice(start, min(start + batch_size, n))
+                ids, mask, positions, targets, valid = _lm_targets(split, sl, device)
+                logits = model(input_ids=ids, attention_mask=mask, position_ids=positions).logits
+                logp = logits[:, :-1].float().log_softmax(-1)
+                token_ll = logp.gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+                seq_ll = (token_ll * valid).sum(-1)  # (rows,)
+                for grads in _per_row_grads(seq_ll, params):
+                    for a, g in zip(acc, grads, strict=True):
+                        a.add_(g.float().square().sum(0))
+    finally:
+        for p, r in zip(params, requires, strict=True):
+            p.requires_grad_(r)
+        model.train(was_training)
+    return _by_name(model, params, acc, n)
+
+
+def _per_row_grads(values: torch.Tensor, params: list[nn.Parameter]):
+    """Per-row gradients of ``values`` (1-D) w.r.t. ``params``, in chunks of
+    ``(rows, *shape)`` that hold at most ``GRAD_BUDGET_BYTES`` of gradients (one row at a time
+    for a model larger than that)."""
+    rows = values.shape[0]
+    numel = sum(p.numel() for p in params)
+    per = max(1, min(rows, GRAD_BUDGET_BYTES // max(1, 4 * numel)))
+    eye = torch.eye(rows, dtype=values.dtype, device=values.device)
+    done = 0
+    try:
+        while per > 1 and done < rows:
+            stop = min(done + per, rows)
+            grads = torch.autograd.grad(
+                values,
+                params,
+                grad_outputs=eye[done:stop],
+                is_grads_batched=True,
+                retain_graph=True,  # later chunks (or the fallback) need the graph
+                allow_unused=True,
+                materialize_grads=True,
+            )
+            done = stop
+            yield grads
+    except RuntimeError as e:  # an op without a vmap batching rule
+        log.debug("batched per-example gradients failed (%s); one backward per row", e)
+    for r in range(done, rows):
+        grads = torch.autograd.grad(
+            values[r],
+            params,
+            retain_graph=r < rows - 1,
+            allow_unused=True,
+            materialize_grads=True,
+        )
+        yield tuple(g.unsqueeze(0) for g in grads)
 
 
 def regmean_grams(
@@ -148,7 +265,11 @@ def regmean_grams(
     mask is 0 are dropped; a linear applied once per example, like a classification head, gets
     one row per example). The sum is divided by the number of examples, so models scored on
     splits of different sizes are comparable; RegMean's merge is invariant to a common scale.
-    Linears that are not ``nn.Linear`` (GPT-2's ``Conv1D``) get no Gram and are averaged.
+    GPT-2's ``Conv1D`` (weight stored ``(in, out)``) gets its Gram under
+    ``<module>.weight:in_rows`` (``TRANSPOSED_GRAM``), which RegMean applies from the left.
+    A causal-LM split (2-D ``labels``) is run with position ids from its attention mask, so
+    left-padded rows give the rows of their unpadded text; every non-padding token is a row
+    (prompt tokens too: they are inputs of the layers all the same).
     """
     if batch_size < 1:
         raise ConfigError(f"batch_size must be positive, got {batch_size}")
@@ -182,13 +303,16 @@ def regmean_grams(
 
     handles = []
     for name, module in model.named_modules():
+        key = f"{name}.weight" if name else "weight"
         if isinstance(module, nn.Linear):
-            key = f"{name}.weight" if name else "weight"
-            if key not in grams:
-                grams[key] = torch.zeros(
-                    module.in_features, module.in_features, dtype=torch.float32, device=device
-                )
-                handles.append(module.register_forward_pre_hook(hook_for(key), with_kwargs=True))
+            width = module.in_features
+        elif _is_conv1d(module):
+            key, width = key + TRANSPOSED_GRAM, module.weight.shape[0]
+        else:
+            continue
+        if key not in grams:
+            grams[key] = torch.zeros(width, width, dtype=torch.float32, device=device)
+            handles.append(module.register_forward_pre_hook(hook_for(key), with_kwargs=True))
     if not grams:
         raise ConfigError(f"{type(model).__name__} has no nn.Linear layers to compute Grams for")
     was_training = model.training
@@ -199,12 +323,20 @@ def regmean_grams(
                 sl = slice(start, min(start + batch_size, n))
                 mask = split.attention_mask[sl].to(device)
                 current["mask"] = mask.bool()
-                model(input_ids=split.input_ids[sl].to(device), attention_mask=mask)
+                extra = {}
+                if split.labels.dim() == 2:  # a causal LM: positions follow the mask
+                    extra["position_ids"] = (mask.cumsum(-1) - 1).clamp(min=0)
+                model(input_ids=split.input_ids[sl].to(device), attention_mask=mask, **extra)
     finally:
         for h in handles:
             h.remove()
         model.train(was_training)
     return {k: g.div_(n).cpu() for k, g in grams.items()}
+
+
+def _is_conv1d(module: nn.Module) -> bool:
+    """transformers' ``Conv1D`` (GPT-2 family): a linear layer with its weight as (in, out)."""
+    return type(module).__name__ == "Conv1D" and hasattr(module, "nf") and module.weight.dim() == 2
 
 
 # -- cache ------------------------------------------------------------------------------------

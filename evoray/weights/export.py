@@ -547,14 +547,30 @@ class ModelFolderWriter:
             self.abort()
 
 
-def write_flat_model(flat: Any, like: str, out_dir: Path, *, recipe_yaml: str, method: str) -> Path:
+def write_flat_model(
+    flat: Any,
+    like: str,
+    out_dir: Path,
+    *,
+    recipe_yaml: str,
+    method: str,
+    allow_pickle: bool = False,
+) -> Path:
     """Write a flat weight vector (``FlatWeights``) as an HF folder: tensors in the layout from
-    ``flat``, every other tensor, the config and tokenizer from checkpoint ``like``."""
+    ``flat``, every other tensor, the config and tokenizer from checkpoint ``like``. A head the
+    config ties to the embedding (``layout.tied``) is left out, as transformers saves it, so
+    the reloaded model ties it to the evolved embedding rather than reading ``like``'s copy."""
     from evoray.weights.checkpoint import open_checkpoint
 
     layout = flat.layout
-    with open_checkpoint(like) as ckpt, ModelFolderWriter(out_dir, overwrite=True) as w:
+    tied = layout.tied_names
+    with (
+        open_checkpoint(like, allow_pickle=allow_pickle) as ckpt,
+        ModelFolderWriter(out_dir, overwrite=True) as w,
+    ):
         for name in ckpt.names():
+            if name in tied:
+                continue
             w.add(name, flat.tensor(name) if name in layout else ckpt.get(name))
         w.copy_support_files(ckpt.folder, dtype=layout.storage_dtype)
         w.write_card(recipe_yaml=recipe_yaml, base_model=None, models=[], method=method)

@@ -32,6 +32,16 @@ ARCH_KEYS = (
     "n_head",
 )
 
+# Input-embedding tensors an output head may be tied to (``tie_word_embeddings``).
+_EMBEDDING_SUFFIXES = (
+    "embed_tokens.weight",
+    "wte.weight",
+    "word_embeddings.weight",
+    "embed_in.weight",
+    "shared.weight",
+)
+_HEAD_NAMES = ("lm_head.weight", "embed_out.weight")
+
 
 class TensorSource(Protocol):
     """What a layout needs from a checkpoint (``evoray.weights.checkpoint.Checkpoint`` fits)."""
@@ -68,6 +78,9 @@ class Layout:
     slots: tuple[Slot, ...]
     storage_dtype: torch.dtype
     source: str = ""
+    # (head, embedding) pairs that the config ties: the head is the embedding, so it is not a
+    # slot of its own (counted once, and kept tied when bound to a model or exported).
+    tied: tuple[tuple[str, str], ...] = ()
 
     @property
     def numel(self) -> int:
@@ -113,9 +126,26 @@ class Layout:
     def from_checkpoint(cls, ckpt: TensorSource) -> Layout:
         return cls.from_infos((ckpt.info(n) for n in ckpt.names()), source=ckpt.source)
 
+    @classmethod
+    def for_model(cls, ckpt: TensorSource) -> Layout:
+        """The weight space of a whole model: every floating tensor of the checkpoint (heads
+        included), except an output head its config ties to the input embedding, which
+        would otherwise be evolved as a second, diverging copy."""
+        names = ckpt.names()
+        tied = tied_pairs(ckpt.config, names)
+        heads = {h for h, _ in tied}
+        layout = cls.from_infos((ckpt.info(n) for n in names if n not in heads), source=ckpt.source)
+        return cls(layout.slots, layout.storage_dtype, layout.source, tied)
+
+    @property
+    def tied_names(self) -> set[str]:
+        """Tensor names that are views of another slot (not stored, not written)."""
+        return {h for h, _ in self.tied}
+
     def check(self, ckpt: TensorSource) -> None:
         """Raise ``LayoutError`` naming the first tensor where ``ckpt`` differs from this layout."""
         names = set(ckpt.names())
+        skip = self.tied_names
         for s in self.slots:
             if s.name not in names:
                 raise LayoutError(
@@ -135,11 +165,39 @@ class Layout:
                 )
         own = {s.name for s in self.slots}
         for name in ckpt.names():
-            if name not in own and ckpt.info(name).dtype.is_floating_point:
+            if name not in own and name not in skip and ckpt.info(name).dtype.is_floating_point:
                 raise LayoutError(
                     f"tensor {name!r} of {ckpt.source} is missing from {self.source}: "
                     "models to merge must share one architecture"
                 )
+
+
+def ties_embeddings(config: Mapping[str, Any]) -> bool:
+    """``tie_word_embeddings`` of a config.json: its value, else its model type's default in
+    transformers (Llama's is False, GPT-2's True), else transformers' general default (True)."""
+    if "tie_word_embeddings" in config:
+        return bool(config["tie_word_embeddings"])
+    try:
+        from transformers import CONFIG_MAPPING
+
+        return bool(getattr(CONFIG_MAPPING[config["model_type"]](), "tie_word_embeddings", True))
+    except Exception:  # unknown or custom model type: transformers' PretrainedConfig default
+        return True
+
+
+def tied_pairs(
+    config: Mapping[str, Any] | None, names: Iterable[str]
+) -> tuple[tuple[str, str], ...]:
+    """``(head, embedding)`` pairs of ``names`` that ``config`` ties (``tie_word_embeddings``,
+    True when absent, as in transformers). Checkpoints saved by transformers already leave the
+    tied head out; some exporters write both copies."""
+    if config is None or not ties_embeddings(config):
+        return ()
+    names = list(names)
+    embeddings = [n for n in names if n.endswith(_EMBEDDING_SUFFIXES)]
+    if not embeddings:
+        return ()
+    return tuple((h, embeddings[0]) for h in _HEAD_NAMES if h in names)
 
 
 def check_same_architecture(configs: Mapping[str, Mapping[str, Any] | None]) -> None:
