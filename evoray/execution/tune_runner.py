@@ -173,11 +173,20 @@ def _finish(run: SearchRun, trial_dir: Path) -> dict:
         (trial_dir / "recipe.yml").write_text(recipe)
     save_vector(ref, run.layout, run.pool.spec.model_path, trial_dir / "model", summary)
     (trial_dir / "summary.json").write_text(json.dumps(summary, indent=2))
-    return {"test_mean": _mean(scores["test"]), "ood_mean": _mean(scores.get("ood", {}))}
+    tasks = run.pool.spec.tasks
+    return {
+        "test_mean": _mean(scores["test"], pool=tasks),
+        "ood_mean": _mean(scores.get("ood", {}), pool=tasks),
+    }
 
 
-def _mean(scores: dict[str, dict[str, float]], metric: str = "accuracy") -> float | None:
-    return mean_score(scores, metric) if scores else None
+def _mean(
+    scores: dict[str, dict[str, float]], metric: str = "accuracy", pool: Any = None
+) -> float | None:
+    """Test fitness: the task pool's weighted per-task metrics (``TaskPool.fitness``)."""
+    if not scores:
+        return None
+    return pool.fitness(scores) if pool is not None else mean_score(scores, metric)
 
 
 def save_vector(ref, layout: Layout, like: str, out_dir: Path, summary: dict) -> Path:
