@@ -19,8 +19,9 @@ from evoray.tasks.kinds import TaskEntry
 
 INSTALL = "pip install 'evoray[lm-eval]'"
 
-_MANAGERS: dict[str | None, Any] = {}
+_MANAGERS: dict[tuple[str | None, bool], Any] = {}
 _TASKS: dict[tuple, Any] = {}
+_LMS: dict[int, tuple[Any, Any, Any]] = {}  # id(model) -> (model, tokenizer, HFLM)
 
 
 def import_lm_eval() -> Any:
@@ -36,14 +37,23 @@ def import_lm_eval() -> Any:
     return lm_eval
 
 
-def task_manager(include_path: str | None) -> Any:
-    """One ``TaskManager`` per include path per process (indexing the tasks takes seconds)."""
-    if include_path not in _MANAGERS:
-        import_lm_eval()
-        from lm_eval.tasks import TaskManager
+def task_manager(include_path: str | None, task: str | None = None) -> Any:
+    """One ``TaskManager`` per include path per process. A task defined under
+    ``include_path`` is looked up without lm-eval's own thousands of task YAMLs (indexing those
+    takes tens of seconds on a small CPU); other names get the full index."""
+    import_lm_eval()
+    from lm_eval.tasks import TaskManager
 
-        _MANAGERS[include_path] = TaskManager(verbosity="ERROR", include_path=include_path)
-    return _MANAGERS[include_path]
+    if include_path is not None:
+        key = (include_path, False)
+        if key not in _MANAGERS:
+            _MANAGERS[key] = TaskManager(include_path=include_path, include_defaults=False)
+        if task is not None and task in _MANAGERS[key].all_tasks:
+            return _MANAGERS[key]
+    key = (include_path, True)
+    if key not in _MANAGERS:
+        _MANAGERS[key] = TaskManager(include_path=include_path)
+    return _MANAGERS[key]
 
 
 @dataclass(frozen=True)
@@ -79,7 +89,7 @@ class LmEvalTask(TaskEntry):
 
     def validate(self) -> None:
         """lm-eval installed, the task known (close names suggested), splits given."""
-        tm = task_manager(self.include_path)
+        tm = task_manager(self.include_path, self.task)
         if self.task not in tm.all_tasks:
             close = difflib.get_close_matches(self.task, tm.all_tasks, n=5, cutoff=0.6)
             hint = f"; close names: {', '.join(close)}" if close else ""
@@ -96,7 +106,7 @@ class LmEvalTask(TaskEntry):
         if key not in _TASKS:
             from lm_eval.tasks import get_task_dict
 
-            tasks = get_task_dict([self.task], task_manager(self.include_path))
+            tasks = get_task_dict([self.task], task_manager(self.include_path, self.task))
             leaves = _leaves(tasks)
             for t in leaves.values():
                 if lm_split not in t.dataset:
@@ -126,20 +136,25 @@ class LmEvalTask(TaskEntry):
     def _task_any(self) -> Any:
         from lm_eval.tasks import get_task_dict
 
-        leaves = _leaves(get_task_dict([self.task], task_manager(self.include_path)))
+        leaves = _leaves(get_task_dict([self.task], task_manager(self.include_path, self.task)))
         return next(iter(leaves.values()))
 
     def evaluate(self, model: Any, data: LmEvalData, *, batch_size: int) -> dict[str, float]:
         from lm_eval.evaluator import evaluate
         from lm_eval.models.huggingface import HFLM
 
-        device = next(model.parameters()).device
-        lm = HFLM(
-            pretrained=model,
-            tokenizer=data.tokenizer,
-            batch_size=min(batch_size, 64),
-            device=str(device),
-        )
+        # One wrapper per model object: a worker rebuilds weights in place, so it stays valid.
+        cached = _LMS.get(id(model))
+        if cached is None or cached[0] is not model or cached[1] is not data.tokenizer:
+            device = next(model.parameters()).device
+            lm = HFLM(
+                pretrained=model,
+                tokenizer=data.tokenizer,
+                batch_size=min(batch_size, 64),
+                device=str(device),
+            )
+            _LMS[id(model)] = cached = (model, data.tokenizer, lm)
+        lm = cached[2]
         res = evaluate(
             lm,
             self._task(data.lm_split),
