@@ -456,3 +456,70 @@ def test_lm_eval_not_installed_gives_pip_command(monkeypatch):
     monkeypatch.setattr(mod, "_MANAGERS", {})
     with pytest.raises(ConfigError, match=r"pip install 'evoray\[lm-eval\]'"):
         make_task_pool([{"name": "arc", "kind": "lm_eval", "task": "arc_easy"}])
+
+
+# -- the worker's fitness ---------------------------------------------------------------------
+
+
+def test_worker_fitness_is_the_pools_weighted_fitness(tmp_path):
+    """An in-process worker on a tiny Llama folder scores a text + qa pool: its fitness is the
+    weighted mean of the tasks' own metrics, and its scores equal direct evaluation."""
+    from evoray.execution.worker import OffspringWorker, WorkerSpec
+    from evoray.models.pool import ModelPool
+    from evoray.weights.checkpoint import open_checkpoint
+    from evoray.weights.flat import flatten
+    from tests.factories import make_tiny_model
+
+    path = make_tiny_model(tmp_path / "m", arch="llama", seed=0)
+    rows = [{"text": s, "prompt": s, "answer": "red cat"} for s in sentences(6, seed=8)]
+    src = write_jsonl(tmp_path / "d.jsonl", rows)
+    pool = make_task_pool(
+        [
+            {"name": "t", "kind": "text", "data": {"dev": src}, "weight": 1.0},
+            {
+                "name": "q",
+                "kind": "qa",
+                "data": {"dev": src},
+                "weight": 3.0,
+                "metric": "answer_loglik",
+            },
+        ]
+    )
+    layout = ModelPool(members=(str(path), str(path))).layout()
+    worker = OffspringWorker(WorkerSpec(model_path=str(path), layout=layout, tasks=pool))
+    with open_checkpoint(str(path)) as ckpt:
+        flat = flatten(ckpt, layout).data
+    out = worker.evaluate_vector(flat)
+    s = out["scores"]
+    assert out["fitness"] == pytest.approx((s["t"]["loglik"] + 3 * s["q"]["answer_loglik"]) / 4)
+    tok = AutoTokenizer.from_pretrained(str(path))
+    from transformers import AutoModelForCausalLM
+
+    direct = pool.evaluate(AutoModelForCausalLM.from_pretrained(str(path)), pool.encode(tok, "dev"))
+    assert s["t"]["loglik"] == pytest.approx(direct["t"]["loglik"], abs=1e-5)
+
+
+def test_results_table_uses_each_tasks_metric(tmp_path):
+    """The results table shows each task's own metric and the pool's fitness as in-domain."""
+    from evoray.report.results import run_table
+    from tests.factories import make_tiny_model
+
+    path = make_tiny_model(tmp_path / "m", arch="llama", seed=0)
+    rows = [{"text": s, "prompt": s, "answer": "red cat"} for s in sentences(4, seed=9)]
+    src = write_jsonl(tmp_path / "d.jsonl", rows)
+    entries = [
+        {"name": "t", "kind": "text", "data": {"dev": src, "test": src}},
+        {"name": "q", "kind": "qa", "data": {"dev": src, "test": src}, "metric": "answer_loglik"},
+    ]
+    pool = make_task_pool(entries)
+    table = run_table([str(path)], pool, [])
+    from transformers import AutoModelForCausalLM
+
+    tok = AutoTokenizer.from_pretrained(str(path))
+    s = pool.evaluate(AutoModelForCausalLM.from_pretrained(str(path)), pool.encode(tok, "test"))
+    cells = table.splitlines()[2].split(" | ")
+    assert cells[1:4] == [
+        f"{s['t']['loglik']:.3f}",
+        f"{s['q']['answer_loglik']:.3f}",
+        f"{pool.fitness(s):.3f}",
+    ]
