@@ -523,3 +523,36 @@ def test_results_table_uses_each_tasks_metric(tmp_path):
         f"{s['q']['answer_loglik']:.3f}",
         f"{pool.fitness(s):.3f}",
     ]
+
+
+def test_hub_dataset_id_goes_to_load_dataset(monkeypatch, tok):
+    """A source that is no local path is a hub id (``name:config``): not read at config load
+    (no network there), loaded with datasets.load_dataset at encoding."""
+    import datasets
+
+    calls = []
+
+    def fake_load_dataset(name, config=None, split=None):
+        calls.append((name, config, split))
+        return datasets.Dataset.from_list([{"text": "red cat dog"}, {"text": "sun moon"}])
+
+    monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
+    pool = make_task_pool(
+        [{"name": "h", "kind": "text", "data": "user/corpus:en", "splits": {"dev": "validation"}}]
+    )
+    assert calls == []
+    data = pool.encode(tok, "dev")
+    assert calls == [("user/corpus", "en", "validation")] and len(data["h"]) == 2
+
+
+def test_task_without_test_split_is_left_out_of_test_scores(tmp_path, tok):
+    src = write_jsonl(tmp_path / "d.jsonl", [{"text": "red cat dog"}])
+    pool = make_task_pool(
+        [
+            {"name": "a", "kind": "text", "data": {"dev": src, "test": src}},
+            {"name": "b", "kind": "text", "data": {"dev": src}},
+        ]
+    )
+    assert list(pool.encode(tok, "test")) == ["a"]
+    with pytest.raises(ConfigError, match="task 'b' has no 'train' split"):
+        pool.train_batch(tok, ["b"], 4)

@@ -9,6 +9,7 @@ and the OOD sets (``ood-dev``, ``ood-test``). Kinds register in ``TASK_KINDS``; 
 
 from __future__ import annotations
 
+import logging
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass, fields
@@ -19,6 +20,8 @@ import torch
 
 from evoray.errors import ConfigError
 from evoray.tasks.evaluation import EncodedSplit, classification_scores, encode
+
+logger = logging.getLogger(__name__)
 
 
 class TaskPool(ABC):
@@ -156,7 +159,13 @@ class MultiTaskPool(TaskPool):
     def encode(self, tokenizer: Any, split: str) -> dict[str, Any]:
         ood = split.startswith("ood-")
         part = split.removeprefix("ood-")
-        return {t.name: t.encode(tokenizer, part) for t in self.tasks if t.ood == ood}
+        chosen = [t for t in self.tasks if t.ood == ood]
+        if part == "test":  # a task without test data is left out of the final report, said so
+            missing = [t.name for t in chosen if part not in t.split_names()]
+            if missing:
+                logger.warning("tasks %s have no test split; not in the test scores", missing)
+            chosen = [t for t in chosen if t.name not in missing]
+        return {t.name: t.encode(tokenizer, part) for t in chosen}
 
     def evaluate(
         self, model: Any, data: dict[str, Any], *, batch_size: int = 512
