@@ -231,6 +231,10 @@ def test_classification_labels_the_head_lacks(tmp_path, tok):
         pool.evaluate(classifier({0: "neg", 1: "pos"}), data, batch_size=4)
     msg = str(err.value)
     assert "bad.jsonl" in msg and "'y'" in msg and "'neutral'" in msg
+    # the same check on the driver, from a member's config, before any worker starts
+    with pytest.raises(ConfigError, match=r"bad.jsonl, field 'y': label 'neutral'"):
+        pool.check_model(classifier({0: "neg", 1: "pos"}).config)
+    pool.check_model(classifier({0: "neg", 1: "pos", 2: "neutral"}).config)  # fits: no error
 
 
 def test_classification_task_labels_list_maps_at_encode(tmp_path, tok):

@@ -128,6 +128,9 @@ class TaskEntry:
 
     # -- interface ---------------------------------------------------------------------------
 
+    def check_model(self, config: Any) -> None:
+        """Checks of the data against a member's model config before Ray starts (labels)."""
+
     def encode(self, tokenizer: Any, split: str) -> Any:
         raise NotImplementedError
 
@@ -242,6 +245,33 @@ class ClassificationTask(TaskEntry):
                     "or list the label names in class-id order as the task's labels:"
                 )
         return out
+
+    def check_model(self, config: Any) -> None:
+        """Every local split's labels are labels of this head (``config``: a member's model
+        config): called on the driver, so a mismatch fails before Ray starts."""
+        l2i = self._label2id(config)
+        n = int(getattr(config, "num_labels", 0) or 0)
+        for split in self.split_names():
+            source = self.source(split)
+            if not is_local(source):
+                continue
+            raw = tuple(r[self.fields["label"]] for r in self.rows(split))
+            if l2i is not None:
+                ids = self._map_labels(raw, l2i, source, None)
+            elif all(_is_int(v) for v in raw):
+                ids = [int(v) for v in raw]
+            else:
+                raise ConfigError(
+                    f"task {self.name!r}: {source}, field {self.fields['label']!r}: labels are "
+                    "names but the model's head has no label names (config.id2label); list "
+                    "them in class-id order as the task's labels:"
+                )
+            bad = [i for i, v in enumerate(ids) if n and not 0 <= v < n]
+            if bad:
+                raise ConfigError(
+                    f"task {self.name!r}: {source}, field {self.fields['label']!r}: label "
+                    f"{raw[bad[0]]!r} but the model's head has only {n} labels"
+                )
 
     def evaluate(self, model: Any, data: ClassData, *, batch_size: int) -> dict[str, float]:
         self.check_positions(model, data)

@@ -52,6 +52,11 @@ class TaskPool(ABC):
             name: classification_scores(model, s, batch_size=batch_size) for name, s in data.items()
         }
 
+    def check_model(self, config: Any) -> None:
+        """Refuse data that does not fit a member's model ``config`` (e.g. labels the head
+        lacks), on the driver before Ray starts; a no-op for kinds with nothing to check."""
+        return None
+
     def metric(self, task: str) -> str:
         """The metric a task's fitness and result tables use."""
         return "accuracy"
@@ -149,6 +154,10 @@ class MultiTaskPool(TaskPool):
 
     def ood_names(self) -> list[str]:
         return [t.name for t in self.tasks if t.ood]
+
+    def check_model(self, config: Any) -> None:
+        for t in self.tasks:
+            t.check_model(config)
 
     def metric(self, task: str) -> str:
         return self._entry(task).metric
