@@ -202,15 +202,20 @@ def _finish(run: SearchRun, trial_dir: Path) -> dict:
     spec = run.pool.spec
     save_vector(ref, run.layout, spec.model_path, trial_dir / "model", summary, spec.allow_pickle)
     (trial_dir / "summary.json").write_text(json.dumps(summary, indent=2))
-    metric = spec.metric  # the run's fitness metric (a causal-LM task has no accuracy)
+    tasks = run.pool.spec.tasks
     return {
-        "test_mean": _mean(scores["test"], metric),
-        "ood_mean": _mean(scores.get("ood", {}), metric),
+        "test_mean": _mean(scores["test"], pool=tasks),
+        "ood_mean": _mean(scores.get("ood", {}), pool=tasks),
     }
 
 
-def _mean(scores: dict[str, dict[str, float]], metric: str = "accuracy") -> float | None:
-    return mean_score(scores, metric) if scores else None
+def _mean(
+    scores: dict[str, dict[str, float]], metric: str = "accuracy", pool: Any = None
+) -> float | None:
+    """Test fitness: the task pool's weighted per-task metrics (``TaskPool.fitness``)."""
+    if not scores:
+        return None
+    return pool.fitness(scores) if pool is not None else mean_score(scores, metric)
 
 
 def save_vector(

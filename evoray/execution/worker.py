@@ -21,7 +21,7 @@ import torch
 from evoray.kinship.metrics import kinship_flat
 from evoray.models.pool import check_model_for_tasks, load_model
 from evoray.strategies.de import Recipe, build_offspring
-from evoray.tasks.evaluation import EncodedSplit, mean_score
+from evoray.tasks.evaluation import EncodedSplit
 from evoray.tasks.pool import TaskPool, ZooTasks
 from evoray.weights.flat import FlatWeights, from_numpy, to_numpy
 from evoray.weights.layout import Layout
@@ -152,7 +152,7 @@ class OffspringWorker:
         return {
             "recipe": recipe.to_dict(),
             "scores": scores,
-            "fitness": mean_score(scores, self.spec.metric),
+            "fitness": self.spec.tasks.fitness(scores),
             "build_time_s": t1 - t0,
             "eval_time_s": t2 - t1,
             "kinship_to_parent": kin,
@@ -176,7 +176,7 @@ class OffspringWorker:
         scores = self.scores(split)
         return {
             "scores": scores,
-            "fitness": mean_score(scores, self.spec.metric),
+            "fitness": self.spec.tasks.fitness(scores),
             "eval_time_s": time.perf_counter() - t0,
             "node": self.node,
             "device": str(self.device),
@@ -268,7 +268,7 @@ class OffspringWorker:
         scores = self.scores()
         return {
             "scores": scores,
-            "fitness": mean_score(scores, self.spec.metric),
+            "fitness": self.spec.tasks.fitness(scores),
             "build_time_s": t1 - t0,
             "eval_time_s": time.perf_counter() - t1,
             "node": self.node,

@@ -7,7 +7,7 @@ from typing import Any
 
 from evoray.strategies import get_strategy
 from evoray.tasks.evaluation import mean_score
-from evoray.tasks.pool import TaskPool
+from evoray.tasks.pool import MultiTaskPool, TaskPool
 
 
 def member_test_scores(
@@ -26,8 +26,15 @@ def member_test_scores(
     return out
 
 
-def _mean(scores: dict[str, dict[str, float]], metric: str = "accuracy") -> float:
-    return mean_score(scores, metric) if scores else float("nan")
+def _mean(
+    scores: dict[str, dict[str, float]], metric: str = "accuracy", pool: TaskPool | None = None
+) -> float:
+    """The fitness of test scores (the pool's weighted per-task metrics), NaN if none."""
+    if not scores:
+        return float("nan")
+    if isinstance(pool, MultiTaskPool):  # per-task metrics and weights from the config
+        return pool.fitness(scores)
+    return mean_score(scores, metric)
 
 
 def run_label(summary: dict[str, Any]) -> str:
@@ -57,15 +64,21 @@ def run_table(
                 rows.append((label, init["test"], init.get("ood", {})))
     for s in summaries:
         rows.append((run_label(s), s["test"]["test"], s["test"].get("ood", {})))
+    pool = tasks
     tasks = list(rows[0][1]) if rows else []
     ood = list(rows[0][2]) if rows else []
+
+    def cell(scores: dict[str, dict[str, float]], t: str) -> str:
+        m = pool.metric(t) if isinstance(pool, MultiTaskPool) else metric
+        return f"{scores[t][m]:.3f}"
+
     head = ["model", *tasks, "in-domain", *[f"ood:{t}" for t in ood], "OOD", "dev evals"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     evals = {run_label(s): s.get("evaluations") for s in summaries}
     for label, test, oods in rows:
-        cells = [f"{test[t][metric]:.3f}" for t in tasks] + [f"{_mean(test, metric):.3f}"]
-        cells += [f"{oods[t][metric]:.3f}" for t in ood]
-        cells += [f"{_mean(oods, metric):.3f}" if oods else "-"]
+        cells = [cell(test, t) for t in tasks] + [f"{_mean(test, metric, pool):.3f}"]
+        cells += [cell(oods, t) for t in ood]
+        cells += [f"{_mean(oods, metric, pool):.3f}" if oods else "-"]
         cells += [str(evals[label]) if evals.get(label) is not None else "-"]
         lines.append("| " + " | ".join([label, *cells]) + " |")
     return "\n".join(lines)

@@ -75,3 +75,35 @@ def perplexity(total_nll: float, n_tokens: int) -> float:
         return math.exp(total_nll / n_tokens)
     except OverflowError:
         return math.inf
+
+
+# Higher is better for fitness; these are negated when a task's fitness metric names them.
+LOWER_IS_BETTER = frozenset({"perplexity", "nll", "loss"})
+
+_HF_METRICS: dict[str, object] = {}
+
+
+def hf_metric(source: str):
+    """An ``evaluate`` metric, loaded once per process: a local module path (a ``.py`` file or
+    its folder; works offline) or a hub name (network). Errors name the source."""
+    if source not in _HF_METRICS:
+        try:
+            import evaluate
+        except ImportError:
+            raise ImportError(
+                f"metric {source!r} needs the 'evaluate' package: pip install evaluate"
+            ) from None
+        try:
+            _HF_METRICS[source] = evaluate.load(source)
+        except Exception as exc:  # evaluate raises several types for a bad name/path
+            raise ValueError(
+                f"cannot load evaluate metric {source!r} ({exc}); give a local metric module "
+                "path (offline) or an evaluate hub name (online)"
+            ) from None
+    return _HF_METRICS[source]
+
+
+def hf_metric_scores(source: str, predictions: list, references: list) -> dict[str, float]:
+    """The numeric results of an ``evaluate`` metric's ``compute``, by their own names."""
+    out = hf_metric(source).compute(predictions=predictions, references=references) or {}
+    return {k: float(v) for k, v in out.items() if isinstance(v, (int, float, np.number))}
