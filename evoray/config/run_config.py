@@ -13,6 +13,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from evoray.config.evolve_config import evolve_to_run_dict, is_evolve_config
 from evoray.config.reading import check_keys, read_yaml, unknown_key
 from evoray.errors import ConfigError
 from evoray.strategies import get_strategy
@@ -67,6 +68,8 @@ class RunConfig:
     def from_dict(cls, data: Any, *, source: str = "<config>") -> RunConfig:
         if not isinstance(data, Mapping):
             raise ConfigError(f"{source}: expected a mapping at the top level")
+        if is_evolve_config(data):  # a mergekit-evolve file: run it as a recipe search
+            data = evolve_to_run_dict(data, source)
         check_keys(data, TOP_KEYS, source, "")
         strategy = data.get("strategy", "evolver")
         if strategy not in STRATEGIES:

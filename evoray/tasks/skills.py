@@ -190,3 +190,17 @@ def task_entries(files: dict[str, dict[str, Path]]) -> list[dict]:
             entry["fields"] = {"text": "text"}
         entries.append(entry)
     return entries
+
+
+def write_lm_eval_data(folder: Path, seed: int = 0) -> None:
+    """The dev/test files the shipped lm-eval task YAMLs read (``<folder>/<skill>/``)."""
+    for name in GENERATORS:
+        for split in ("dev", "test"):
+            write_jsonl(Path(folder) / name / f"{split}.jsonl", skill_split(name, split, seed))
+
+
+if __name__ == "__main__":
+    import sys
+
+    # python -m evoray.tasks.skills search_spaces/lm_eval_tasks/data
+    write_lm_eval_data(Path(sys.argv[1]))
