@@ -14,5 +14,8 @@ DATA = Path(__file__).resolve().parent / "data"
 
 def load_skill(skill: str, **_: object) -> datasets.DatasetDict:
     """The skill's ``validation`` (dev) and ``test`` splits."""
-    files = {"validation": str(DATA / skill / "dev.jsonl"), "test": str(DATA / skill / "test.jsonl")}
+    files = {
+        "validation": str(DATA / skill / "dev.jsonl"),
+        "test": str(DATA / skill / "test.jsonl"),
+    }
     return datasets.load_dataset("json", data_files=files)
