@@ -56,6 +56,14 @@ def _cmd_merge(args: argparse.Namespace) -> int:
 def _cmd_zoo_build(args: argparse.Namespace) -> int:
     from evoray.models.zoo import ZooSpec, build_zoo
 
+    if args.kind == "causal_lm":
+        from evoray.models.lm_zoo import LMZooSpec, build_lm_zoo
+
+        lm_zoo = build_lm_zoo(args.root, LMZooSpec(seed=args.seed), force=args.force)
+        print(f"base: {lm_zoo.base}")
+        for name, path in lm_zoo.experts.items():
+            print(f"expert {name}: {path}")
+        return 0
     zoo = build_zoo(args.root, ZooSpec(seed=args.seed, n_domains=args.domains), force=args.force)
     print(f"base: {zoo.base}")
     for name, path in zoo.experts.items():
@@ -174,6 +182,12 @@ def build_parser() -> argparse.ArgumentParser:
     zb.add_argument("--seed", type=int, default=0)
     zb.add_argument("--domains", type=int, default=4, help="number of in-domain experts (2-5)")
     zb.add_argument("--force", action="store_true", help="rebuild even if cached")
+    zb.add_argument(
+        "--kind",
+        choices=("classifier", "causal_lm"),
+        default="classifier",
+        help="classifier: BERT domain experts; causal_lm: a Llama base and skill experts",
+    )
     zb.set_defaults(func=_cmd_zoo_build)
 
     r = sub.add_parser(

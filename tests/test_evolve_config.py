@@ -111,6 +111,7 @@ def test_shipped_mergekit_evolve_example_translates() -> None:
     data = yaml.safe_load((REPO / "search_spaces" / "mergekit_evolve_lm.yaml").read_text())
     run = evolve_to_run_dict(data, "mergekit_evolve_lm.yaml")
     assert len(run["models"]["members"]) == 4 and run["models"]["base"].endswith("/base")
+    assert run["tasks"][0]["include_path"] == "lm_eval_tasks"  # beside this config
     assert [t["task"] for t in run["tasks"]] == [
         "evoray_arithmetic",
         "evoray_reverse",

@@ -159,3 +159,21 @@ def test_lm_eval_tasks_parse_and_score_an_expert_offline(small_lm_zoo, monkeypat
     mine = exact_match(model, tok, skills.skill_split("arithmetic", "test")[:32])
     assert out["evoray_arithmetic"]["exact_match,strip"] == pytest.approx(mine)
     assert 1.0 < out["evoray_prose"]["word_perplexity,none"] < len(tok)
+
+
+def test_cli_zoo_build_kind_causal_lm_prints_the_folders(small_lm_zoo, monkeypatch, capsys):
+    import evoray.models.lm_zoo as lm_zoo
+    from evoray.cli import main
+
+    calls = []
+
+    def fake(root, spec, force=False):
+        calls.append((root, spec, force))
+        return small_lm_zoo
+
+    monkeypatch.setattr(lm_zoo, "build_lm_zoo", fake)
+    assert main(["zoo", "build", "--kind", "causal_lm", "--root", "R", "--seed", "2"]) == 0
+    assert calls == [("R", LMZooSpec(seed=2), False)]
+    out = capsys.readouterr().out
+    assert f"base: {small_lm_zoo.base}" in out
+    assert f"expert sort: {small_lm_zoo.experts['sort']}" in out
