@@ -6,9 +6,9 @@ tokenizer over the skills' vocabulary (``evoray.tasks.skills``), a small ``Llama
 pretrained on generated prose and on the ``copy`` skill (the shared base), and one expert per
 skill (arithmetic, word reversal, sorting, object colours) fine-tuned from it with a little of
 the pretraining text replayed, so each expert is good at its own skill and near the base
-elsewhere. The skills' data is written beside the models as ``.jsonl`` task files and the
-manifest ``lm_zoo.json`` holds the ``tasks:`` entries that score them; a second call with the
-same settings reuses everything.
+elsewhere. The skills' data is written beside the models as ``.jsonl`` task files (listed in
+the manifest ``lm_zoo.json``), ``LMZoo.tasks`` are the ``tasks:`` entries that score them, and a
+second call with the same settings reuses everything.
 """
 
 from __future__ import annotations
