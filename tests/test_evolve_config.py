@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 from pathlib import Path
 
 import pytest
@@ -118,9 +119,7 @@ def test_shipped_mergekit_evolve_example_translates() -> None:
         "evoray_sort",
         "evoray_colors",
     ]
-    from evoray.tasks.pool import TASK_KINDS
-
-    if "lm_eval" not in TASK_KINDS:
+    if importlib.util.find_spec("evoray.tasks.kinds") is None:
         pytest.skip("the lm_eval task kind (the other issue-11 part) is not merged yet")
     from evoray.config.run_config import RunConfig
 
@@ -168,3 +167,16 @@ def test_best_recipe_is_a_mergekit_yaml_evoray_merge_reproduces(
         ws = [w[layer if granularity else 0] for w in weights]
         want = base[key] + sum(w * (e[key] - base[key]) for w, e in zip(ws, experts, strict=True))
         assert torch.allclose(merged[key], want, atol=1e-5), (granularity, layer)
+
+
+def test_run_config_takes_a_list_of_task_entries() -> None:
+    from evoray.config.run_config import RunConfig
+
+    entries = [{"name": "sort", "kind": "qa", "data": {"dev": "d.jsonl"}}]
+    config = RunConfig.from_dict({"models": {"zoo": {}}, "tasks": entries}, source="r.yml")
+    assert config.tasks == entries
+    assert RunConfig.from_dict({"models": {"zoo": {}}}, source="r.yml").tasks == {"kind": "zoo"}
+    with pytest.raises(ConfigError, match=r"r\.yml: tasks\[1\]: expected a mapping"):
+        RunConfig.from_dict({"models": {"zoo": {}}, "tasks": [entries[0], "x"]}, source="r.yml")
+    with pytest.raises(ConfigError, match="tasks: list at least one task"):
+        RunConfig.from_dict({"models": {"zoo": {}}, "tasks": []}, source="r.yml")

@@ -53,7 +53,7 @@ class SearchSpec:
 class RunConfig:
     strategy: str
     models: ModelsSpec
-    tasks: dict[str, Any]
+    tasks: dict[str, Any] | list[dict[str, Any]]  # legacy {kind: zoo, ...} or task entries
     settings: dict[str, Any]  # the strategy's section
     search: SearchSpec
     execution: ExecutionSpec
@@ -120,11 +120,11 @@ class RunConfig:
         check_keys(execution, exec_names, source, "execution.")
         output = _section(data, "output", source)
         check_keys(output, ("run_dir",), source, "output.")
-        tasks = _section(data, "tasks", source) or {"kind": "zoo"}
+        tasks = _tasks_section(data.get("tasks"), source)
         return cls(
             strategy=strategy,
             models=models_spec,
-            tasks=dict(tasks),
+            tasks=tasks,
             settings=dict(own),
             search=SearchSpec(grid=grid, optuna=optuna),
             execution=ExecutionSpec(**execution),
@@ -170,6 +170,19 @@ def _grid(grid: dict[str, list[Any]]) -> list[dict[str, Any]]:
     for key, values in grid.items():
         combos = [{**c, key: v} for c in combos for v in values]
     return combos if grid else []
+
+
+def _tasks_section(value: Any, source: str) -> dict[str, Any] | list[dict[str, Any]]:
+    """``tasks:``: the legacy mapping (``{kind: zoo, ...}``) or a list of task entries, each
+    checked by ``make_task_pool`` when the run starts."""
+    if isinstance(value, list):
+        if not value:
+            raise ConfigError(f"{source}: tasks: list at least one task")
+        for i, entry in enumerate(value):
+            if not isinstance(entry, Mapping):
+                raise ConfigError(f"{source}: tasks[{i}]: expected a mapping (name, kind, ...)")
+        return [dict(entry) for entry in value]
+    return _section({"tasks": value}, "tasks", source) or {"kind": "zoo"}
 
 
 def _section(data: Mapping, key: str, source: str) -> dict:
