@@ -82,6 +82,10 @@ def _cmd_run(args: argparse.Namespace) -> int:
     raw = read_yaml(path, "run config") or {}
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: expected a mapping at the top level")
+    from evoray.config.evolve_config import evolve_to_run_dict, is_evolve_config
+
+    if is_evolve_config(raw):  # a mergekit-evolve file: overrides and snapshot in evoray's form
+        raw = evolve_to_run_dict(raw, str(path))
     if args.run_dir:
         raw.setdefault("output", {})["run_dir"] = str(args.run_dir)
     if args.generations is not None:
