@@ -180,3 +180,25 @@ def test_run_config_takes_a_list_of_task_entries() -> None:
         RunConfig.from_dict({"models": {"zoo": {}}, "tasks": [entries[0], "x"]}, source="r.yml")
     with pytest.raises(ConfigError, match="tasks: list at least one task"):
         RunConfig.from_dict({"models": {"zoo": {}}, "tasks": []}, source="r.yml")
+
+
+def test_cli_run_takes_a_mergekit_evolve_file_with_overrides(tmp_path, monkeypatch) -> None:
+    """--run-dir / --generations apply to the translated config; the snapshot is evoray's form
+    (so `evoray resume` reads it back)."""
+    import evoray.cli as cli
+    from evoray.config.run_config import RunConfig
+
+    seen = []
+    monkeypatch.setattr(cli, "_run", lambda config, args, resume: seen.append(config) or 0)
+    path = tmp_path / "evolve.yml"
+    path.write_text(yaml.safe_dump(_evolve()))
+    out = tmp_path / "out"
+    assert cli.main(["run", str(path), "--run-dir", str(out), "--generations", "2"]) == 0
+    (config,) = seen
+    assert config.strategy == "recipe_search" and config.settings["rounds"] == 2
+    assert config.run_dir == out
+    snap = yaml.safe_load((out / "config.yml").read_text())
+    assert snap["strategy"] == "recipe_search" and "genome" not in snap
+    assert snap["recipe_search"]["rounds"] == 2
+    if importlib.util.find_spec("evoray.tasks.kinds") is not None:
+        assert RunConfig.from_yaml(out / "config.yml").settings["rounds"] == 2
