@@ -61,7 +61,7 @@ def test_evolve_config_becomes_a_recipe_search_on_lm_eval_tasks() -> None:
             "kind": "lm_eval",
             "task": "evoray_reverse",
             "weight": 2.0,
-            "metric": "exact_match,strip",
+            "metric": "exact_match_strip",  # how evoray's lm_eval tasks name it
             "include_path": "lm_eval_tasks",
             "limit": 50,
         },

@@ -54,11 +54,12 @@ def is_evolve_config(data: Any) -> bool:
 
 
 def _metric(value: Any, where: str) -> str:
-    """lm-eval's ``metric,filter`` key; the default filter ``none`` is dropped (``acc``)."""
+    """lm-eval's ``metric,filter`` key as evoray's lm_eval tasks name their scores: the
+    default filter ``none`` dropped (``acc``), another joined by ``_`` (``exact_match_strip``)."""
     if not isinstance(value, str) or not value:
         raise ConfigError(f"{where}: expected an lm-eval metric such as 'acc' or 'acc,none'")
     name, _, filt = value.partition(",")
-    return name if filt in ("", "none") else value
+    return name if filt in ("", "none") else f"{name}_{filt}"
 
 
 def _tasks(data: Mapping, extra: Mapping, source: str) -> list[dict[str, Any]]:
