@@ -56,6 +56,14 @@ def _cmd_merge(args: argparse.Namespace) -> int:
 def _cmd_zoo_build(args: argparse.Namespace) -> int:
     from evoray.models.zoo import ZooSpec, build_zoo
 
+    if args.kind == "causal_lm":
+        from evoray.models.lm_zoo import LMZooSpec, build_lm_zoo
+
+        lm_zoo = build_lm_zoo(args.root, LMZooSpec(seed=args.seed), force=args.force)
+        print(f"base: {lm_zoo.base}")
+        for name, path in lm_zoo.experts.items():
+            print(f"expert {name}: {path}")
+        return 0
     zoo = build_zoo(args.root, ZooSpec(seed=args.seed, n_domains=args.domains), force=args.force)
     print(f"base: {zoo.base}")
     for name, path in zoo.experts.items():
@@ -74,6 +82,10 @@ def _cmd_run(args: argparse.Namespace) -> int:
     raw = read_yaml(path, "run config") or {}
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: expected a mapping at the top level")
+    from evoray.config.evolve_config import evolve_to_run_dict, is_evolve_config
+
+    if is_evolve_config(raw):  # a mergekit-evolve file: overrides and snapshot in evoray's form
+        raw = evolve_to_run_dict(raw, str(path))
     if args.run_dir:
         raw.setdefault("output", {})["run_dir"] = str(args.run_dir)
     if args.generations is not None:
@@ -86,7 +98,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         raw.setdefault("execution", {})["gpus_per_worker"] = args.gpus_per_worker
     # Paths against the directory the user ran from, before Ray starts: Tune runs each trial
     # in a working directory of its own, and `evoray resume` may run from anywhere.
-    raw = resolve_paths(raw)
+    raw = resolve_paths(raw, config_dir=path.parent)
     config = RunConfig.from_dict(raw, source=str(path))
     raw.setdefault("output", {})["run_dir"] = str(config.run_dir)
     snapshot = config.run_dir / "config.yml"
@@ -330,6 +342,12 @@ def build_parser() -> argparse.ArgumentParser:
     zb.add_argument("--seed", type=int, default=0)
     zb.add_argument("--domains", type=int, default=4, help="number of in-domain experts (2-5)")
     zb.add_argument("--force", action="store_true", help="rebuild even if cached")
+    zb.add_argument(
+        "--kind",
+        choices=("classifier", "causal_lm"),
+        default="classifier",
+        help="classifier: BERT domain experts; causal_lm: a Llama base and skill experts",
+    )
     zb.set_defaults(func=_cmd_zoo_build)
 
     r = sub.add_parser(

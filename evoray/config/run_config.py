@@ -15,6 +15,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from evoray.config.evolve_config import evolve_to_run_dict, is_evolve_config
 from evoray.config.reading import check_keys, read_yaml, unknown_key
 from evoray.errors import ConfigError
 from evoray.strategies import get_strategy
@@ -77,7 +78,7 @@ class SearchSpec:
 class RunConfig:
     strategy: str
     models: ModelsSpec
-    tasks: dict[str, Any]
+    tasks: dict[str, Any] | list[dict[str, Any]]  # legacy {kind: zoo, ...} or task entries
     settings: dict[str, Any]  # the strategy's section
     search: SearchSpec
     execution: ExecutionSpec
@@ -86,18 +87,26 @@ class RunConfig:
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> RunConfig:
-        return cls.from_dict(read_yaml(path, "run config"), source=str(path))
+        data = read_yaml(path, "run config")
+        return cls.from_dict(data, source=str(path), config_dir=Path(path).parent)
 
     @classmethod
     def from_dict(
-        cls, data: Any, *, source: str = "<config>", cwd: str | Path | None = None
+        cls,
+        data: Any,
+        *,
+        source: str = "<config>",
+        cwd: str | Path | None = None,
+        config_dir: str | Path | None = None,
     ) -> RunConfig:
         """Check ``data`` and resolve its relative paths against ``cwd`` (default: the current
         directory): Tune runs each trial in a working directory of its own."""
         if not isinstance(data, Mapping):
             raise ConfigError(f"{source}: expected a mapping at the top level")
+        if is_evolve_config(data):  # a mergekit-evolve file: run it as a recipe search
+            data = evolve_to_run_dict(data, source)
         check_keys(data, TOP_KEYS, source, "")
-        data = resolve_paths(data, cwd)
+        data = resolve_paths(data, cwd, config_dir=config_dir)
         strategy = data.get("strategy", "evolver")
         if strategy not in STRATEGIES:
             raise ConfigError(
@@ -164,12 +173,17 @@ class RunConfig:
         check_keys(output, ("run_dir",), source, "output.")
         if "run_dir" in output:
             check_value(output["run_dir"], str, "output.run_dir", source)
-        tasks = _section(data, "tasks", source) or {"kind": "zoo"}
-        _check_tasks(tasks, source)
+        tasks = _tasks_section(data.get("tasks"), source)
+        if isinstance(tasks, list):  # files and fields checked now, before Ray starts
+            from evoray.tasks.pool import make_task_pool
+
+            make_task_pool(tasks, source)
+        else:
+            _check_tasks(tasks, source)
         return cls(
             strategy=strategy,
             models=models_spec,
-            tasks=dict(tasks),
+            tasks=tasks,
             settings=dict(own),
             search=SearchSpec(grid=grid, optuna=optuna),
             execution=execution_spec,
@@ -188,13 +202,25 @@ class RunConfig:
         return get_strategy(self.strategy).make_settings(values)
 
 
-def resolve_paths(data: Mapping[str, Any], cwd: str | Path | None = None) -> dict[str, Any]:
+def resolve_paths(
+    data: Mapping[str, Any],
+    cwd: str | Path | None = None,
+    *,
+    config_dir: str | Path | None = None,
+) -> dict[str, Any]:
     """A copy of a raw run config whose local paths are absolute, against ``cwd`` (default:
     the current directory): ``models.base``, ``models.members``, ``models.zoo.root`` and
-    ``output.run_dir``. A member that is not a local path (a hub id ``org/name``) stays as
-    given. Values of the wrong type are left for the field checks to name."""
+    ``output.run_dir``; and the data paths of a ``tasks:`` list against ``config_dir`` (the
+    config file's folder, as merge configs and lm-eval include paths are). A member that is
+    not a local path (a hub id ``org/name``) stays as given. Values of the wrong type are
+    left for the field checks to name."""
     base = Path(cwd) if cwd is not None else Path.cwd()
     out = dict(data)
+    if isinstance(out.get("tasks"), list):
+        from evoray.tasks.pool import resolve_task_paths
+
+        tasks_dir = Path(config_dir) if config_dir is not None else base
+        out["tasks"] = resolve_task_paths(out["tasks"], tasks_dir.resolve())
     models = out.get("models")
     if isinstance(models, Mapping):
         models = out["models"] = dict(models)
@@ -284,6 +310,19 @@ def _grid(grid: dict[str, list[Any]]) -> list[dict[str, Any]]:
     for key, values in grid.items():
         combos = [{**c, key: v} for c in combos for v in values]
     return combos if grid else []
+
+
+def _tasks_section(value: Any, source: str) -> dict[str, Any] | list[dict[str, Any]]:
+    """``tasks:``: the legacy mapping (``{kind: zoo, ...}``) or a list of task entries, each
+    checked by ``make_task_pool`` when the run starts."""
+    if isinstance(value, list):
+        if not value:
+            raise ConfigError(f"{source}: tasks: list at least one task")
+        for i, entry in enumerate(value):
+            if not isinstance(entry, Mapping):
+                raise ConfigError(f"{source}: tasks[{i}]: expected a mapping (name, kind, ...)")
+        return [dict(entry) for entry in value]
+    return _section({"tasks": value}, "tasks", source) or {"kind": "zoo"}
 
 
 def _section(data: Mapping, key: str, source: str) -> dict:

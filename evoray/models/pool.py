@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from evoray.errors import CheckpointError
+from evoray.errors import CheckpointError, ConfigError
 
 # Architecture-name suffix -> the transformers auto class that builds it.
 _AUTO_CLASSES = (
@@ -125,6 +125,11 @@ def zoo_pool(zoo_args: dict[str, Any]) -> tuple[ModelPool, Any]:
 
     args = dict(zoo_args)
     root = args.pop("root", None)
+    kind = args.pop("kind", "classifier")
+    if kind == "causal_lm":
+        return _lm_zoo_pool(root, args)
+    if kind != "classifier":
+        raise ConfigError(f"models.zoo.kind: unknown {kind!r}; supported: classifier, causal_lm")
     zoo = build_zoo(root, ZooSpec(**args))
     pool = ModelPool(
         members=tuple(str(p) for p in zoo.experts.values()),
@@ -133,6 +138,26 @@ def zoo_pool(zoo_args: dict[str, Any]) -> tuple[ModelPool, Any]:
     )
     tasks = ZooTasks(seed=zoo.spec.seed, n_domains=zoo.spec.n_domains, n_ood=zoo.spec.n_ood)
     return pool, tasks
+
+
+def _lm_zoo_pool(root: str | None, args: dict[str, Any]) -> tuple[ModelPool, Any]:
+    """The causal-LM zoo's experts and the qa/text task pool over the skill files it wrote."""
+    from dataclasses import fields
+
+    from evoray.models.lm_zoo import LMZooSpec, build_lm_zoo
+    from evoray.tasks.pool import make_task_pool
+
+    allowed = [f.name for f in fields(LMZooSpec)]
+    for key in args:
+        if key not in allowed:
+            raise ConfigError(f"models.zoo.{key}: not a setting of the causal_lm zoo ({allowed})")
+    zoo = build_lm_zoo(root, LMZooSpec(**args))
+    pool = ModelPool(
+        members=tuple(str(p) for p in zoo.experts.values()),
+        base=str(zoo.base),
+        member_tasks=tuple(zoo.experts),
+    )
+    return pool, make_task_pool(zoo.tasks, source=str(zoo.root / "lm_zoo.json"))
 
 
 def model_class_name(config: dict[str, Any] | None) -> str:

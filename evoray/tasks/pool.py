@@ -236,6 +236,16 @@ def _resolve(value: Any, base_dir: Path | None) -> Any:
     return str(base_dir / p) if not p.is_absolute() and (base_dir / p).exists() else value
 
 
+def resolve_task_paths(entries: list[Any], base_dir: Path) -> list[Any]:
+    """A ``tasks:`` list with each entry's relative local paths made absolute."""
+    out = []
+    for entry in entries:
+        if isinstance(entry, dict):
+            entry = {k: _resolve(v, base_dir) if k in PATH_KEYS else v for k, v in entry.items()}
+        out.append(entry)
+    return out
+
+
 def make_task_entry(entry: dict[str, Any], source: str, base_dir: Path | None = None) -> Any:
     """One task of a ``tasks:`` list, its local data checked now (before Ray starts)."""
     if not isinstance(entry, dict):
