@@ -86,7 +86,9 @@ def _parallel_mode(args: argparse.Namespace) -> bool | None:
 
 def _cmd_kinship(args: argparse.Namespace) -> int:
     """Print the kinship table(s), write the heatmap (and JSON); 0 on success."""
-    from evoray.kinship.matrix import METRICS, heatmap, kinship_matrix
+    from evoray.kinship.gram import METRICS
+    from evoray.kinship.matrix import kinship_matrix
+    from evoray.kinship.plot import heatmap
 
     if len(args.models) < 2:
         raise EvorayError(
