@@ -19,7 +19,7 @@ def alignment_quality(tgt_tok, source_paths: Sequence[str | Path], counts: dict)
     """Shares from ``alignment_counts`` plus each source's ``vocab_match_shares``."""
 
     from evoray.fusion.align import vocab_match_shares
-    from evoray.weights.checkpoint import resolve_model_folder
+    from evoray.weights.sources import resolve_model_folder
 
     total = max(1, counts["positions"])
     out = []

@@ -103,7 +103,7 @@ def run_fuse(cfg: FuseConfig, out: Path | None = None, report=print) -> dict:
     from evoray.fusion.sources import extract_all, fuse_checkpoint_errors, load_tokenizer
     from evoray.fusion.teacher_build import build_teachers
     from evoray.fusion.train import clm_train, fuse_train, perplexity_job
-    from evoray.weights.checkpoint import resolve_model_folder
+    from evoray.weights.sources import resolve_model_folder
 
     res, fz = cfg.resources, cfg.fusion
     cfg.check_data_parallel()

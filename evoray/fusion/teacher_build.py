@@ -174,7 +174,7 @@ def source_vocab_maps(tgt_tok, source_paths: Sequence[str | Path], fallback: str
     """``checked_vocab_map`` source -> target for every source (computed once per distinct
     source: the edit-distance search is the slow part of alignment on large vocabularies)."""
 
-    from evoray.weights.checkpoint import resolve_model_folder
+    from evoray.weights.sources import resolve_model_folder
 
     maps: dict[str, np.ndarray] = {}
     for i, src in enumerate(source_paths):
@@ -192,7 +192,7 @@ def teacher_part_job(
 ) -> dict:
     """One part of ``build_teachers``: texts ``start:start + len(texts)`` into ``path``."""
 
-    from evoray.weights.checkpoint import resolve_model_folder
+    from evoray.weights.sources import resolve_model_folder
 
     tok = load_tokenizer(resolve_model_folder(target_path))
     counts: dict = {}
@@ -231,7 +231,7 @@ def build_teachers(
     """
 
     from evoray.fusion.remote import run_jobs
-    from evoray.weights.checkpoint import resolve_model_folder
+    from evoray.weights.sources import resolve_model_folder
 
     texts = list(texts)
     if not texts:

@@ -27,7 +27,7 @@ from safetensors import SafetensorError
 from safetensors.torch import save_file
 
 from evoray.errors import CheckpointError
-from evoray.weights.checkpoint import read_config
+from evoray.weights.sources import read_config
 
 __all__ = [
     "MODEL_FILES",
