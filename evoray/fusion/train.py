@@ -34,7 +34,7 @@ from evoray.fusion.sources import (
 )
 from evoray.fusion.teacher_build import iter_fused_teachers
 from evoray.fusion.teachers import TeacherStore, write_teacher_store
-from evoray.weights.export import replace_folder
+from evoray.weights.output_folder import replace_folder
 
 EVAL_TEXTS = 512  # loss_before / loss_after are measured on the first this many texts
 

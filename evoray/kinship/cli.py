@@ -137,6 +137,6 @@ def _write_error(path: Path, exc: Exception, what: str) -> EvorayError:
         return EvorayError(
             f"cannot write the {what} {path}: {exc}; give a file name ending in .png, .pdf or .svg"
         )
-    from evoray.weights.export import write_error
+    from evoray.weights.output_folder import write_error
 
     return EvorayError(f"cannot write the {what}: {write_error(path, exc)}")
