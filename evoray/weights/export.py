@@ -9,7 +9,6 @@ looks complete.
 from __future__ import annotations
 
 import json
-import logging
 import os
 import re
 import shutil
@@ -32,8 +31,6 @@ from evoray.weights.output_folder import (
 from evoray.weights.sources import read_config
 
 __all__ = ["MODEL_FILES", "TOKENIZER_FILES", "ModelFolderWriter", "write_flat_model"]
-log = logging.getLogger(__name__)
-
 # Model-side files that accompany config.json (which is rewritten, not copied).
 MODEL_FILES = ("generation_config.json",)
 # Tokenizer files, copied verbatim when present.
