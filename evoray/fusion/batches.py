@@ -12,10 +12,7 @@ from collections.abc import Sequence
 import torch
 
 from evoray.fusion import FusionError
-from evoray.fusion.distill import (
-    fusellm_loss_batch,
-    pad_teachers,
-)
+from evoray.fusion.distill import fusellm_loss_batch, pad_teachers
 
 
 def drop_short_texts(tok, texts: Sequence[str], min_tokens: int = 2) -> tuple[list[str], int]:
@@ -36,6 +33,8 @@ def drop_short_texts(tok, texts: Sequence[str], min_tokens: int = 2) -> tuple[li
 
 
 def batch_order(n: int, batch_size: int, steps: int, seed: int) -> list[list[int]]:
+    """The text indices of each step: seeded shuffles of all ``n`` texts, one after another, so
+    every text is seen once per pass and every rank derives the same batches from ``seed``."""
     rng = random.Random(seed)
     order: list[int] = []
     out = []
@@ -49,7 +48,7 @@ def batch_order(n: int, batch_size: int, steps: int, seed: int) -> list[list[int
     return out
 
 
-def pad_batch(ids_list, idx, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _pad_batch(ids_list, idx, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Right-padded ``input_ids``, ``attention_mask`` and ``labels`` (-100 on padding)."""
     width = max(len(ids_list[i]) for i in idx)
     ids = torch.zeros((len(idx), width), dtype=torch.long)
@@ -62,7 +61,9 @@ def pad_batch(ids_list, idx, device) -> tuple[torch.Tensor, torch.Tensor, torch.
 
 
 def batch_loss(model, ids_list, teachers, idx, lam, kind, temperature, device, autocast):
-    ids, mask, labels = pad_batch(ids_list, idx, device)
+    """The loss of texts ``idx``: CLM alone without ``teachers``, else FuseLLM's
+    ``lam * CLM + (1 - lam) * fusion`` against their fused teachers."""
+    ids, mask, labels = _pad_batch(ids_list, idx, device)
     with autocast():
         logits = model(input_ids=ids, attention_mask=mask).logits
     if teachers is None:
