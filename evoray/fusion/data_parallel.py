@@ -1,7 +1,8 @@
 """Data-parallel training set-up inside a Ray Train process group: FSDP2 sharding per decoder
 layer, gathering a sharded model back for saving, and per-rank memory accounting.
 
-Kept apart from the loop so that the single-process path never imports torch.distributed.
+Kept apart from the loop, which calls these only with more than one rank; the torch.distributed
+imports stay inside the functions.
 """
 
 from __future__ import annotations
