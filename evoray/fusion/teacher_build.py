@@ -36,8 +36,6 @@ from evoray.fusion.sources import (
 from evoray.fusion.teachers import write_teacher_store
 
 METHODS = {"avg_ce": fuse_avg_ce, "min_ce": fuse_min_ce}
-
-
 CE_UNITS = ("token", "char")
 
 

@@ -19,17 +19,11 @@ from evoray.weights.layers import before_blocks, layer_index
 
 METRICS = ("pearson", "cosine", "euclidean")
 CHUNK_ELEMS = 1 << 17
-
-
 BLOCK = 1 << 10  # elements per float32 dot product
-
-
 # safetensors tensors are views of a memory map of the whole file; the pages read stay in this
 # process's RSS until the map is closed. Closing the files after this many bytes keeps RSS bounded
 # (the page cache keeps them; reopening costs a header parse).
 RELEASE_BYTES = 256 << 20
-
-
 TOTAL = "all"  # group key when per-layer values are not asked for
 
 

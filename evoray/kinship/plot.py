@@ -1,6 +1,6 @@
 """The kinship matrix as an annotated heatmap PNG (one panel per metric).
 
-Uses matplotlib's Agg canvas directly, so importing kinship never pulls in a plotting backend.
+Apart from the maths because matplotlib is imported only when a heatmap is drawn.
 """
 
 from __future__ import annotations

@@ -25,10 +25,7 @@ HUB_PATTERNS = [
     "*.tiktoken",
     "*.py",  # only executed by load_model with trust_remote_code=True
 ]
-
-
 HUB_PICKLE_PATTERNS = ["*.bin", "*.bin.index.json", "*.pt", "*.pth"]
-
 
 # Suffixes that make a non-existent source clearly a path rather than a hub id.
 _PATH_SUFFIXES = {
@@ -47,8 +44,6 @@ _PATH_SUFFIXES = {
     ".yaml",
     ".yml",
 }
-
-
 _HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?$")
 
 

@@ -46,20 +46,10 @@ _ST_DTYPES: dict[str, torch.dtype] = {
 
 
 _MAX_HEADER_BYTES = 100_000_000  # the limit safetensors itself enforces
-
-
 SAFETENSORS_SINGLE = "model.safetensors"
-
-
 SAFETENSORS_INDEX = "model.safetensors.index.json"
-
-
 PICKLE_SINGLE = "pytorch_model.bin"
-
-
 PICKLE_INDEX = "pytorch_model.bin.index.json"
-
-
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth")
 
 
