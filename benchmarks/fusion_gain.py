@@ -34,13 +34,8 @@ from evoray.fusion.fuse_cli import build_model, build_texts
 from evoray.fusion.fuse_config import FuseConfig
 from evoray.fusion.remote import quiet_transformers
 from evoray.fusion.sources import extract_all, iter_source_rows
-from evoray.fusion.train import (
-    build_teachers,
-    clm_train,
-    fuse_train,
-    heldout_perplexity,
-    per_char_ce,
-)
+from evoray.fusion.teacher_build import build_teachers, per_char_ce
+from evoray.fusion.train import clm_train, fuse_train, heldout_perplexity
 
 T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}
 

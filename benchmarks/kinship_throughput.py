@@ -32,7 +32,8 @@ from safetensors.torch import save_file
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from evoray.kinship.matrix import CHUNK_ELEMS, RELEASE_BYTES, kinship_matrix
+from evoray.kinship.gram import CHUNK_ELEMS, RELEASE_BYTES
+from evoray.kinship.matrix import kinship_matrix
 
 ROOT = sys.path[0]
 

@@ -13,7 +13,9 @@ from safetensors.torch import load_file, save_file
 
 import evoray.weights.checkpoint as ckpt_mod
 from evoray.errors import CheckpointError, EvorayError
-from evoray.weights.checkpoint import Checkpoint, TensorInfo, load_model, open_checkpoint
+from evoray.weights.checkpoint import Checkpoint, open_checkpoint
+from evoray.weights.loading import load_model
+from evoray.weights.tensor_files import TensorInfo
 from tests.factories import make_fake_hub_cache, make_tiny_model
 
 

@@ -23,7 +23,8 @@ from evoray.fusion.corpus import (
 )
 from evoray.fusion.fuse_config import FuseConfig
 from evoray.fusion.sources import extract_all, load_lm
-from evoray.fusion.train import build_teachers, clm_train, fuse_train, heldout_perplexity
+from evoray.fusion.teacher_build import build_teachers
+from evoray.fusion.train import clm_train, fuse_train, heldout_perplexity
 
 BASE = {"sources": [{"name": "a", "tokenizer": "char"}, {"name": "b", "vocab_size": 90}]}
 
@@ -169,7 +170,7 @@ def test_a_target_without_pad_token_trains_and_scores(tmp_path, corpus, models):
 
 
 def test_texts_shorter_than_two_tokens_are_skipped_with_a_count(tmp_path, models):
-    from evoray.fusion.train import drop_short_texts
+    from evoray.fusion.batches import drop_short_texts
 
     _, target = models
     tok = load_lm(target)[1]

@@ -28,13 +28,8 @@ from evoray.fusion.sources import (
     source_distributions,
     write_shard,
 )
-from evoray.fusion.train import (
-    build_teachers,
-    checked_vocab_map,
-    clm_train,
-    fuse_train,
-    heldout_perplexity,
-)
+from evoray.fusion.teacher_build import build_teachers, checked_vocab_map
+from evoray.fusion.train import clm_train, fuse_train, heldout_perplexity
 
 
 def _save(tok, model, path: Path) -> Path:
@@ -410,7 +405,7 @@ def test_min_ce_per_token_vs_per_character(tmp_path, corpus, models):
     source the lower CE per character (a token covers ~3 characters): MinCE picks by unit."""
     from transformers import AutoTokenizer
 
-    from evoray.fusion.train import fused_teachers
+    from evoray.fusion.teacher_build import fused_teachers
 
     sources, target = models
     texts = corpus[0][:3]
@@ -495,8 +490,8 @@ def test_teacher_store_round_trips_and_streams(tmp_path, corpus, models):
     of other texts are refused with the text's index."""
     from transformers import AutoTokenizer
 
+    from evoray.fusion.teacher_build import fused_teachers, iter_fused_teachers
     from evoray.fusion.teachers import TeacherStore, write_teacher_store
-    from evoray.fusion.train import fused_teachers, iter_fused_teachers
 
     sources, target = models
     texts = corpus[0][:7]
@@ -580,8 +575,8 @@ def test_teachers_built_in_parts_on_ray_equal_the_stream(tmp_path, corpus, model
     the store equals the single stream; fuse_train on it equals fuse_train building its own."""
     from transformers import AutoTokenizer
 
+    from evoray.fusion.teacher_build import fused_teachers
     from evoray.fusion.teachers import TeacherStore
-    from evoray.fusion.train import fused_teachers
 
     sources, target = models
     texts = corpus[0][:8]

@@ -465,7 +465,7 @@ def test_keep_same_next_uses_a_source_only_where_next_tokens_agree():
 
 
 def test_per_char_ce_is_the_text_nll_per_character():
-    from evoray.fusion.train import per_char_ce
+    from evoray.fusion.teacher_build import per_char_ce
 
     # a char model (7 tokens incl. eos) and a word model (3 tokens) with the same total NLL
     # score the same per character, though their per-token means differ by 7/3

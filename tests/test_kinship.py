@@ -12,8 +12,10 @@ import torch
 
 from evoray.errors import EvorayError, LayoutError
 from evoray.kinship.cli import add_kinship_parser
-from evoray.kinship.matrix import GramSums, KinshipResult, heatmap, kinship_matrix, layer_group
+from evoray.kinship.gram import GramSums, layer_group
+from evoray.kinship.matrix import KinshipResult, kinship_matrix
 from evoray.kinship.metrics import kinship_flat
+from evoray.kinship.plot import heatmap
 from evoray.weights import checkpoint as checkpoint_mod
 from evoray.weights.checkpoint import open_checkpoint
 from evoray.weights.layers import layer_index

@@ -24,9 +24,10 @@ from evoray.config.merge_config import MergeConfig
 from evoray.errors import CheckpointError
 from evoray.kinship.matrix import kinship_matrix
 from evoray.merge.streaming import merge_to_folder
-from evoray.weights import export
+from evoray.weights import export, output_folder
 from evoray.weights.checkpoint import open_checkpoint
-from evoray.weights.export import ModelFolderWriter, replace_folder
+from evoray.weights.export import ModelFolderWriter
+from evoray.weights.output_folder import replace_folder
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -101,7 +102,7 @@ def test_overwrite_replaces_an_evoray_or_mergekit_output(project, tmp_path):
     cfg = str(project / "merge.yml")
     out = tmp_path / "merged"
     assert main(["merge", cfg, str(out), "-q"]) == 0
-    assert export.is_merge_output(out)
+    assert output_folder.is_merge_output(out)
     assert main(["merge", cfg, str(out), "--overwrite", "-q"]) == 0
     # what mergekit writes: a card tagged mergekit and mergekit_config.yml
     for name, text in [
@@ -219,7 +220,7 @@ def test_next_merge_removes_the_temp_folder_of_a_killed_one(tmp_path, project):
     assert leftover.parent == tmp_path and leftover.name.startswith(".merged.tmp-")
     assert any(leftover.glob("*.safetensors"))
     # a live writer's temp folder (this process) and another host's are left alone
-    live = tmp_path / f".merged.tmp-{export._HOST}-{os.getpid()}-0123abcd"
+    live = tmp_path / f".merged.tmp-{output_folder.HOST}-{os.getpid()}-0123abcd"
     remote = tmp_path / ".merged.tmp-otherhost-1-0123abcd"
     unrelated = tmp_path / ".other.tmp-x-1-0123abcd"
     for d in (live, remote, unrelated):

@@ -4,7 +4,9 @@ Several *source* LLMs with different tokenizers teach one *target* model.  Data 
 ``corpus`` (texts, tokenizers, tiny LMs) -> ``sources`` (each source's top-k logits and CE,
 Parquet shards) -> ``align`` + ``distill`` (pure math: token/vocab alignment, MinCE / AvgCE,
 the sparse loss ``lam * CLM + (1 - lam) * fusion``; no Ray, no disk) -> ``teachers`` (fused
-teachers in a memory-mapped store) -> ``train`` (the training loops) -> ``remote`` (Ray tasks,
+teachers in a memory-mapped store, built by ``teacher_build``, reported on by
+``alignment_report``) -> ``batches`` + ``data_parallel`` + ``train`` (the training loops) ->
+``remote`` (Ray tasks,
 Ray Train) -> ``fuse_config`` + ``fuse_cli`` (``evoray fuse``).  The math re-exported here
 loads on first use.
 """

@@ -102,17 +102,13 @@ def run_fuse(cfg: FuseConfig, out: Path | None = None, report=print) -> dict:
     sources' distributions and the two target trainings each run as Ray tasks with
     ``cfg.resources``; else everything runs here, one step after the other.
     """
+    from evoray.fusion.batches import drop_short_texts
     from evoray.fusion.corpus import load_corpus
     from evoray.fusion.remote import run_data_parallel, run_jobs
     from evoray.fusion.sources import extract_all, fuse_checkpoint_errors, load_tokenizer
-    from evoray.fusion.train import (
-        build_teachers,
-        clm_train,
-        drop_short_texts,
-        fuse_train,
-        perplexity_job,
-    )
-    from evoray.weights.checkpoint import resolve_model_folder
+    from evoray.fusion.teacher_build import build_teachers
+    from evoray.fusion.train import clm_train, fuse_train, perplexity_job
+    from evoray.weights.sources import resolve_model_folder
 
     res, fz = cfg.resources, cfg.fusion
     cfg.check_data_parallel()

@@ -15,8 +15,9 @@ from evoray.config.reading import check_keys, read_yaml
 from evoray.errors import ConfigError
 from evoray.fusion.align import TEACHER_POSITIONS, VOCAB_FALLBACKS
 from evoray.fusion.corpus import ARCHITECTURES, DOMAINS
-from evoray.fusion.train import CE_UNITS, PRECISIONS
-from evoray.fusion.train import METHODS as FUSERS
+from evoray.fusion.teacher_build import CE_UNITS
+from evoray.fusion.teacher_build import METHODS as FUSERS
+from evoray.fusion.train import PRECISIONS
 
 TOKENIZERS = ("char", "bpe", "bytelevel")
 METHODS = tuple(FUSERS)

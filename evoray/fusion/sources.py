@@ -95,7 +95,8 @@ def load_lm(path: str | Path):
     tracebacks)."""
     from transformers import AutoModelForCausalLM
 
-    from evoray.weights.checkpoint import load_model, resolve_model_folder
+    from evoray.weights.loading import load_model
+    from evoray.weights.sources import resolve_model_folder
 
     with fuse_checkpoint_errors():
         folder = resolve_model_folder(path)  # once: a hub id is looked up a single time

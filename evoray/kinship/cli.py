@@ -86,7 +86,9 @@ def _parallel_mode(args: argparse.Namespace) -> bool | None:
 
 def _cmd_kinship(args: argparse.Namespace) -> int:
     """Print the kinship table(s), write the heatmap (and JSON); 0 on success."""
-    from evoray.kinship.matrix import METRICS, heatmap, kinship_matrix
+    from evoray.kinship.gram import METRICS
+    from evoray.kinship.matrix import kinship_matrix
+    from evoray.kinship.plot import heatmap
 
     if len(args.models) < 2:
         raise EvorayError(
@@ -135,6 +137,6 @@ def _write_error(path: Path, exc: Exception, what: str) -> EvorayError:
         return EvorayError(
             f"cannot write the {what} {path}: {exc}; give a file name ending in .png, .pdf or .svg"
         )
-    from evoray.weights.export import write_error
+    from evoray.weights.output_folder import write_error
 
     return EvorayError(f"cannot write the {what}: {write_error(path, exc)}")

@@ -1,38 +1,9 @@
 """Pure tensor merge operators with mergekit's semantics.
 
 No I/O, no Ray, no config parsing: same-shape tensors in (any float dtype, one device), a float32
-tensor of that shape out. Parameter names and defaults follow mergekit
-(``mergekit/merge_methods/{linear,slerp,model_stock,generalized_task_arithmetic,registry}.py``);
-``evoray.merge.registry`` maps config parameters onto these functions.
-
-All task-vector methods share :func:`generalized_task_arithmetic`, as in mergekit's ``GTATask``:
-``delta_i = model_i - base``; sparsify each ``delta_i`` (with its own density); weight it;
-for the TIES family elect a sign per element (``sum``: sign of the summed weighted deltas, 0
-counts as +; ``count``: majority of signs) and keep only agreeing entries, with divisor
-``sum_i weight_i * agree_i`` (0 -> 1); otherwise divisor ``sum_i weight_i`` (``|.| < 1e-8`` -> 1);
-divide by the divisor if ``normalize``; multiply by ``lambda``; add to the base.
-
-Deliberate differences from mergekit:
-
-* Arithmetic is float32 whatever the input dtype (mergekit computes in the configured ``dtype``,
-  often bfloat16); the caller casts the result to the output dtype.
-* DARE masks come from ``torch.Generator().manual_seed(seed)`` per model (``seeds``), not the
-  global RNG, so a merge is reproducible; see ``evoray.merge.sparsify`` for this and for the tie
-  and edge-case rules of the magnitude-based sparsifiers.
-* ``linear`` with ``normalize`` and weights summing to 0 raises ``ConfigError`` (mergekit divides
-  by zero and writes inf/nan).
-* Sums are formed in a different order (the base is folded into the first model's term;
-  slerp/model_stock scalars are reduced chunk-wise and combined in Python floats), so results
-  agree with mergekit to float32 rounding, not bit for bit. Zero deltas still give the base
-  exactly, and slerp's ``t = 0`` / ``t = 1`` give the endpoints exactly.
-* Every operator accepts ``out=``: a contiguous float32 buffer of the same numel, not shared
-  with an input, that receives the result (returned as a view of the input shape). Reusing one
-  avoids a fresh allocation's page faults, a large part of the cost of the elementwise methods.
-
-Performance: every method streams the flattened tensors through cache-sized chunks with in-place
-float32 accumulation (no ``torch.stack`` of N full tensors, no float64 tensors). Methods that
-need a global statistic (TIES/breadcrumbs thresholds, DARE rescale norms, slerp angle,
-model_stock cosine) make one extra streaming pass per model first.
+tensor of that shape out; ``evoray.merge.registry`` maps config parameters onto these functions.
+How the task-vector methods work, where evoray deliberately differs from mergekit and why the
+operators stream in chunks: docs/merge-methods.md.
 """
 
 from __future__ import annotations

@@ -265,8 +265,8 @@ def load_model(
     import transformers
     from transformers.utils import logging as hf_logging
 
-    from evoray.weights.checkpoint import load_model as load_checked
-    from evoray.weights.checkpoint import read_config, resolve_model_folder
+    from evoray.weights.loading import load_model as load_checked
+    from evoray.weights.sources import read_config, resolve_model_folder
 
     hf_logging.disable_progress_bar()
     folder = resolve_model_folder(path, allow_pickle=allow_pickle)
