@@ -246,7 +246,7 @@ def _abspath(text: str, base: Path) -> str:
 
 def _model_path(text: str, base: Path) -> str:
     """A local model path made absolute; a hub id (``org/name``, no such local path) kept."""
-    from evoray.weights.checkpoint import _looks_like_path
+    from evoray.weights.sources import _looks_like_path
 
     local = Path(text).expanduser()
     if local.is_absolute() or (base / local).exists() or _looks_like_path(text):

@@ -88,7 +88,7 @@ class ModelPool:
         embedding rows would be merged across different tokens (same shapes, so the tensor
         check cannot see it). Ids only one tokenizer has (added tokens) are allowed."""
         from evoray.errors import LayoutError
-        from evoray.weights.checkpoint import resolve_model_folder
+        from evoray.weights.sources import resolve_model_folder
 
         ref_path, ref = None, None
         for m in self.paths:
@@ -216,7 +216,7 @@ def read_vocabulary(folder: Any) -> dict[int, str] | None:
 
 def member_kind(path: str, *, allow_pickle: bool = False) -> str:
     """The kind of model ``path``'s config.json builds (``classifier`` when it names none)."""
-    from evoray.weights.checkpoint import read_config, resolve_model_folder
+    from evoray.weights.sources import read_config, resolve_model_folder
 
     folder = resolve_model_folder(path, allow_pickle=allow_pickle)
     return MODEL_KINDS[model_class_name(read_config(folder))]
