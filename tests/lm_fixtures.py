@@ -112,6 +112,9 @@ class TextLogLik(TaskPool):
     def names(self) -> list[str]:
         return ["texts"]
 
+    def metric(self, task: str) -> str:
+        return "loglik"
+
     def encode(self, tokenizer: Any, split: str) -> dict[str, EncodedSplit]:
         return {"texts": encode_lm(tokenizer, self.texts)}
 

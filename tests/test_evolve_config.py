@@ -191,7 +191,10 @@ def test_cli_run_takes_a_mergekit_evolve_file_with_overrides(tmp_path, monkeypat
     seen = []
     monkeypatch.setattr(cli, "_run", lambda config, args, resume: seen.append(config) or 0)
     path = tmp_path / "evolve.yml"
-    path.write_text(yaml.safe_dump(_evolve()))
+    data = _evolve()  # lm-eval tasks are looked up when the config loads: ship the folder
+    shipped = Path(__file__).resolve().parents[1] / "search_spaces" / "lm_eval_tasks"
+    data["evoray"] = {"include_path": str(shipped)}
+    path.write_text(yaml.safe_dump(data))
     out = tmp_path / "out"
     assert cli.main(["run", str(path), "--run-dir", str(out), "--generations", "2"]) == 0
     (config,) = seen

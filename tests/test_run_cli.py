@@ -165,4 +165,5 @@ def test_run_accepts_the_allow_pickle_its_message_suggests(tmp_path, small_zoo, 
         shared = prepare(RunConfig.from_yaml(proj / "s.yml"), allow_pickle=True)
     finally:
         os.chdir(cwd)
-    assert shared.inputs.allow_pickle and str(member) in shared.inputs.members
+    assert shared.inputs.models.allow_pickle and str(member) in shared.inputs.members
+    assert shared.worker.allow_pickle  # the workers read the pickle member too

@@ -123,9 +123,13 @@ def test_bad_run_configs(tmp_path, patch, needle):
 def test_shipped_search_spaces_parse():
     from pathlib import Path
 
+    from evoray.config.evolve_config import is_evolve_config
+
     paths = sorted(Path("search_spaces").glob("*.yaml"))
-    fuse = [p for p in paths if "strategy" not in yaml.safe_load(p.read_text())]
-    assert [p.name for p in fuse] == ["fusellm.yaml"]  # `evoray fuse`, not `evoray run`
+    raw = {p: yaml.safe_load(p.read_text()) for p in paths}
+    fuse = [p for p in paths if "strategy" not in raw[p] and not is_evolve_config(raw[p])]
+    # `evoray fuse`, not `evoray run`
+    assert [p.name for p in fuse] == ["fusellm.yaml", "fusellm_domains.yaml"]
     for path in paths:
         if path not in fuse:
             assert RunConfig.from_yaml(path).trial_settings()

@@ -267,18 +267,27 @@ def _check_tasks(tasks: dict, source: str) -> None:
 
 
 def _check_zoo(zoo: Any, source: str) -> None:
-    """``models.zoo``: ``root`` (where to build it) plus the fields of ``ZooSpec``."""
+    """``models.zoo``: ``kind`` (classifier or causal_lm), ``root`` (where to build it) plus
+    the fields of that zoo's spec."""
+    from evoray.models.lm_zoo import LMZooSpec
     from evoray.models.zoo import ZooSpec
 
     if zoo is None:
         return
     if not isinstance(zoo, Mapping):
         raise ConfigError(f"{source}: models.zoo: expected a mapping (or {{}} for the defaults)")
-    names = ["root", *(f.name for f in fields(ZooSpec))]
+    specs = {"classifier": ZooSpec, "causal_lm": LMZooSpec}
+    kind = zoo.get("kind", "classifier")
+    if kind not in specs:
+        raise ConfigError(
+            f"{source}: models.zoo.kind: unknown {kind!r}; supported: {', '.join(specs)}"
+        )
+    spec = specs[kind]
+    names = ["kind", "root", *(f.name for f in fields(spec))]
     check_keys(zoo, names, source, "models.zoo.")
     if zoo.get("root") is not None:
         check_value(zoo["root"], str, "models.zoo.root", source)
-    check_fields(ZooSpec, zoo, "models.zoo.", source)
+    check_fields(spec, {k: v for k, v in zoo.items() if k != "kind"}, "models.zoo.", source)
 
 
 def _check_optuna(optuna: Any, searchable: tuple[str, ...], source: str) -> None:

@@ -19,7 +19,7 @@ import tempfile
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any
 
 import ray
 from ray import tune
@@ -358,11 +358,6 @@ class ProgressLine(tune.Callback):
     """``-q``'s one progress line: trial, generation out of total, best dev fitness so far.
     Rewritten in place on a terminal, one line per generation otherwise."""
 
-    TOTAL_KEY: ClassVar[dict[str, str]] = {
-        "evolver": "generations",
-        "kinship_greedy": "max_generations",
-    }
-
     def __init__(self) -> None:
         self.trials: list[str] = []  # no stream kept: Tune pickles its callbacks
 
@@ -372,7 +367,8 @@ class ProgressLine(tune.Callback):
 
     def on_trial_result(self, iteration, trials, trial, result, **info) -> None:
         strategy = trial.config.get("strategy", "")
-        total = trial.config.get("settings", {}).get(self.TOTAL_KEY.get(strategy, "rounds"))
+        key = get_strategy(strategy).generations_key if strategy else ""
+        total = trial.config.get("settings", {}).get(key)
         if trial.trial_id not in self.trials:
             self.trials.append(trial.trial_id)
         best = result.get("best_fitness")
