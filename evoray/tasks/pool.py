@@ -214,7 +214,8 @@ TASK_KINDS: dict[str, type[TaskPool]] = {"zoo": ZooTasks}
 
 
 def _entry_kinds() -> dict[str, type]:
-    from evoray.tasks.kinds import ClassificationTask, QATask, TextTask
+    from evoray.tasks.classification import ClassificationTask
+    from evoray.tasks.kinds import QATask, TextTask
     from evoray.tasks.lm_eval_task import LmEvalTask
 
     return {c.kind: c for c in (ClassificationTask, TextTask, QATask, LmEvalTask)}
