@@ -16,7 +16,6 @@ from __future__ import annotations
 import json
 import logging
 import random
-import shutil
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
@@ -28,7 +27,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 from transformers.utils import logging as hf_logging
 
-from evoray.models.zoo import default_root
+from evoray.models.zoo import default_root, save_model_folder
 from evoray.tasks import skills
 
 log = logging.getLogger(__name__)
@@ -210,15 +209,6 @@ def skill_scores(model, tokenizer, seed: int, split: str = "dev") -> dict[str, f
     }
 
 
-def _save(model, tokenizer, path: Path) -> None:
-    tmp = path.with_name(path.name + ".partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp, safe_serialization=True)
-    tokenizer.save_pretrained(tmp)
-    shutil.rmtree(path, ignore_errors=True)
-    tmp.rename(path)
-
-
 def build_lm_zoo(
     root: str | Path | None = None,
     spec: LMZooSpec | None = None,
@@ -270,7 +260,7 @@ def _build(zoo_dir: Path, spec: LMZooSpec, report: Callable[[str], None]) -> LMZ
         spec.pretrain_steps,
         spec.pretrain_lr,
     )
-    _save(base, tokenizer, zoo_dir / "base")
+    save_model_folder(base, tokenizer, zoo_dir / "base")
     scores = {"base": skill_scores(base, tokenizer, spec.seed)}
     report(f"lm zoo: base dev exact match {scores['base']}")
     experts: dict[str, Path] = {}
@@ -286,7 +276,7 @@ def _build(zoo_dir: Path, spec: LMZooSpec, report: Callable[[str], None]) -> LMZ
         scores[name] = skill_scores(model, tokenizer, spec.seed)
         report(f"lm zoo: expert {name}: dev exact match {scores[name]}")
         experts[name] = zoo_dir / f"expert-{name}"
-        _save(model, tokenizer, experts[name])
+        save_model_folder(model, tokenizer, experts[name])
     data = {
         "version": LM_ZOO_VERSION,
         "spec": asdict(spec),

@@ -183,7 +183,9 @@ def finetune(
     return model
 
 
-def _save(model, tokenizer, path: Path) -> None:
+def save_model_folder(model, tokenizer, path: Path) -> None:
+    """Save model and tokenizer into ``path`` via a sibling ``.partial`` folder and a rename,
+    so an interrupted build never leaves a half-written zoo model behind."""
     tmp = path.with_name(path.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp, safe_serialization=True)
@@ -249,7 +251,7 @@ def _build(zoo_dir: Path, spec: ZooSpec, suite: TaskSuite, report: Callable[[str
         batch_size=spec.batch_size,
         seed=spec.seed,
     )
-    _save(base, tokenizer, zoo_dir / "base")
+    save_model_folder(base, tokenizer, zoo_dir / "base")
     experts, scores = {}, {}
     for i, name in enumerate(suite.domain_names):
         model = BertForSequenceClassification.from_pretrained(zoo_dir / "base")
@@ -266,7 +268,7 @@ def _build(zoo_dir: Path, spec: ZooSpec, suite: TaskSuite, report: Callable[[str
         scores[name] = classification_scores(model, encode(tokenizer, data["dev"]))["accuracy"]
         report(f"zoo: expert {name}: dev accuracy {scores[name]:.3f}")
         experts[name] = zoo_dir / f"expert-{name}"
-        _save(model, tokenizer, experts[name])
+        save_model_folder(model, tokenizer, experts[name])
     data = {
         "version": ZOO_VERSION,
         "spec": asdict(spec),
