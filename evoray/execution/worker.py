@@ -25,6 +25,7 @@ from evoray.tasks.evaluation import EncodedSplit
 from evoray.tasks.pool import TaskPool, ZooTasks
 from evoray.weights.flat import FlatWeights, from_numpy, to_numpy
 from evoray.weights.layout import Layout
+from evoray.weights.placement import Segment, read_flat, single_segment, write_flat
 
 
 @dataclass(frozen=True)
@@ -43,17 +44,28 @@ class WorkerSpec:
 
 
 def bind_parameters(
-    model: torch.nn.Module, flat: FlatWeights | torch.Tensor, layout: Layout
+    model: torch.nn.Module,
+    flat: FlatWeights | torch.Tensor | list[Segment],
+    layout: Layout,
 ) -> None:
-    """Make every floating tensor of ``model`` a view into ``flat`` (same device and dtype).
+    """Make every floating tensor of ``model`` a view into ``flat`` (same device and dtype):
+    one flat buffer, or the worker's segments (each tensor lies inside one segment).
 
     A tied head (``layout.tied``) is the same parameter as its embedding, so binding the
     embedding binds both and they stay tied. A floating parameter outside the layout would
     keep whatever the model was built with (a randomly initialised head) while the search
     believes it controls the whole model, so it is an error naming the tensor."""
-    buf = flat.as_tensor() if isinstance(flat, FlatWeights) else flat
+    if isinstance(flat, list):
+        segments = flat
+    else:
+        buf = flat.as_tensor() if isinstance(flat, FlatWeights) else flat
+        segments = [Segment(0, buf.numel(), buf)]
     for s in layout.slots:
-        view = buf[s.offset : s.offset + s.numel].view(s.shape)
+        seg = next(g for g in segments if g.start <= s.offset < g.stop)
+        if s.offset + s.numel > seg.stop:
+            raise ValueError(f"tensor {s.name} crosses a segment boundary at {seg.stop}")
+        lo = s.offset - seg.start
+        view = seg.buffer[lo : lo + s.numel].view(s.shape)
         try:
             target = model.get_parameter(s.name)
         except AttributeError:
@@ -64,10 +76,12 @@ def bind_parameters(
             )
         view.copy_(target.detach())
         target.data = view
-    start = buf.data_ptr()
-    end = start + buf.numel() * buf.element_size()
+    ranges = [
+        (g.buffer.data_ptr(), g.buffer.data_ptr() + g.buffer.numel() * g.buffer.element_size())
+        for g in segments
+    ]
     for name, p in model.named_parameters():
-        if p.is_floating_point() and not start <= p.data_ptr() < end:
+        if p.is_floating_point() and not any(a <= p.data_ptr() < b for a, b in ranges):
             raise ValueError(
                 f"model tensor {name} is not in the weight space of {layout.source or 'the run'}"
                 " (the checkpoint has no such tensor, so the model would keep a random init); "
@@ -91,9 +105,11 @@ class OffspringWorker:
             allow_pickle=spec.allow_pickle,
             trust_remote_code=spec.trust_remote_code,
         )
-        self.buffer = torch.empty(layout.numel, dtype=layout.storage_dtype, device=self.device)
+        # One segment on this worker's device (several when a worker spans GPUs).
+        self.segments = single_segment(layout.numel, layout.storage_dtype, self.device)
+        self.buffer = self.segments[0].buffer
         self.model = model.to(self.device).eval()
-        bind_parameters(self.model, self.buffer, layout)
+        bind_parameters(self.model, self.segments, layout)
         self._tokenizer = tok
         self.dev = self._split("dev")
         self.population: list[torch.Tensor] = []
@@ -172,7 +188,7 @@ class OffspringWorker:
     def evaluate_vector(self, flat: np.ndarray, split: str = "dev") -> dict[str, Any]:
         """Score a given flat vector (an initial individual, or the merged model)."""
         t0 = time.perf_counter()
-        self.buffer.copy_(from_numpy(flat))
+        write_flat(self.segments, from_numpy(flat))
         scores = self.scores(split)
         return {
             "scores": scores,
@@ -251,7 +267,7 @@ class OffspringWorker:
     ) -> np.ndarray:
         """Merge flat vectors with a registered method; the result goes to the object store."""
         self._merge_into_buffer(method, model_settings, settings, base, members)
-        return to_numpy(self.buffer)
+        return read_flat(self.segments)
 
     def merge_and_evaluate(
         self,
@@ -290,7 +306,7 @@ class OffspringWorker:
             n_layers=num_layers(self.model.config.to_dict(), layout.names),
             out=torch.empty(layout.numel, dtype=layout.storage_dtype),
         )
-        self.buffer.copy_(merged)
+        write_flat(self.segments, merged)
 
     def kinship(self, base: np.ndarray, a: np.ndarray, b: np.ndarray) -> dict[str, float]:
         """Kinship (Pearson, cosine, Euclidean) of two vectors' deltas from the base."""
