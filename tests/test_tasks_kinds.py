@@ -529,6 +529,35 @@ def test_results_table_uses_each_tasks_metric(tmp_path):
     ]
 
 
+def test_results_table_shows_lower_is_better_metric_as_itself(tmp_path):
+    """Tasks scored by perplexity: fitness maximises its negation, but the table's in-domain
+    column shows the mean perplexity (positive) and says lower is better."""
+    from transformers import AutoModelForCausalLM
+
+    from evoray.report.results import run_table
+    from tests.factories import make_tiny_model
+
+    path = make_tiny_model(tmp_path / "m", arch="llama", seed=0)
+    src = write_jsonl(tmp_path / "d.jsonl", [{"text": s} for s in sentences(4, seed=3)])
+    entries = [
+        {"name": n, "kind": "text", "data": {"dev": src, "test": src}, "metric": "perplexity"}
+        for n in ("a", "b")
+    ]
+    pool = make_task_pool(entries)
+    table = run_table([str(path)], pool, [])
+    tok = AutoTokenizer.from_pretrained(str(path))
+    s = pool.evaluate(AutoModelForCausalLM.from_pretrained(str(path)), pool.encode(tok, "test"))
+    head, _, row = table.splitlines()[:3]
+    assert "in-domain (perplexity, lower is better)" in head
+    cells = row.split(" | ")
+    assert pool.fitness(s) < 0
+    assert (
+        cells[3]
+        == f"{-pool.fitness(s):.3f}"
+        == f"{(s['a']['perplexity'] + s['b']['perplexity']) / 2:.3f}"
+    )
+
+
 def test_hub_dataset_id_goes_to_load_dataset(monkeypatch, tok):
     """A source that is no local path is a hub id (``name:config``): not read at config load
     (no network there), loaded with datasets.load_dataset at encoding."""
@@ -560,3 +589,29 @@ def test_task_without_test_split_is_left_out_of_test_scores(tmp_path, tok):
     assert list(pool.encode(tok, "test")) == ["a"]
     with pytest.raises(ConfigError, match="task 'b' has no 'train' split"):
         pool.train_batch(tok, ["b"], 4)
+
+
+def test_quiet_worker_draws_no_lm_eval_progress_bars(tmp_path, tok, monkeypatch, capfd):
+    """`evoray run -q` reaches the workers: an lm_eval task scored by a quiet worker prints no
+    tqdm bar (lm-eval passes ``disable=`` itself, so the bars are forced off)."""
+    pytest.importorskip("lm_eval")
+    import tqdm
+    import tqdm.auto
+
+    from evoray.execution.worker import silence_progress_bars
+
+    for cls in {tqdm.tqdm, tqdm.auto.tqdm}:  # restored after the test
+        if "__init__" in cls.__dict__:
+            monkeypatch.setattr(cls, "__init__", cls.__dict__["__init__"])
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    write_lm_eval_task(tmp_path)
+    entry = {"name": "mc", "kind": "lm_eval", "task": "tiny_mc", "include_path": str(tmp_path)}
+    pool = make_task_pool([{**entry, "metric": "acc", "limit": 4}])
+    model = causal_lm("gpt2", seed=4)
+    pool.evaluate(model, pool.encode(tok, "dev"), batch_size=4)
+    assert "it/s]" in capfd.readouterr().err  # lm-eval's bars, before
+    silence_progress_bars()
+    pool.evaluate(model, pool.encode(tok, "dev"), batch_size=4)
+    err = capfd.readouterr().err
+    assert "it/s]" not in err and "%|" not in err, err[-500:]

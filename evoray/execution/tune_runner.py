@@ -245,6 +245,7 @@ def run_search(
     from ray.tune import PlacementGroupFactory
 
     from evoray.execution.capacity import check_trial_capacity
+    from evoray.execution.node_paths import check_paths_on_nodes, config_paths
 
     shared = shared or prepare(config)
     ex = config.execution
@@ -255,11 +256,14 @@ def run_search(
         ex.max_concurrent_trials,
         source=config.source,
     )
+    # Workers read the members, data and run dir on their own nodes: check them there now.
+    check_paths_on_nodes(config_paths(config, shared.inputs.models), source=config.source)
     # The trial itself only waits on workers: an empty head bundle, so 2 workers fit 2 CPUs.
     bundles = [{}] + [
         {"CPU": ex.cpus_per_worker, **({"GPU": ex.gpus_per_worker} if ex.gpus_per_worker else {})}
     ] * ex.num_workers
-    shared = replace(shared, quiet=not progress)
+    quiet = not progress
+    shared = replace(shared, quiet=quiet, worker=replace(shared.worker, quiet=quiet))
     trainable = tune.with_resources(
         tune.with_parameters(search_trainable, shared=shared), PlacementGroupFactory(bundles)
     )

@@ -41,6 +41,36 @@ class WorkerSpec:
     torch_threads: int | None = None
     allow_pickle: bool = False  # the run's checkpoint safety settings (``ModelPool``'s)
     trust_remote_code: bool = False
+    quiet: bool = False  # `evoray run -q`: no progress bars from libraries (lm-eval's tqdm)
+
+
+def silence_progress_bars() -> None:
+    """Turn off tqdm bars and HF progress bars in this (worker) process: lm-eval draws a bar
+    per request type and per task, which Ray forwards to the driver's terminal; ``-q`` means
+    the results and one progress line only (``-v`` keeps them)."""
+    import tqdm
+    import tqdm.auto
+
+    for cls in {tqdm.tqdm, tqdm.auto.tqdm}:
+        init = cls.__dict__.get("__init__")
+        if init is None or getattr(init, "_evoray_quiet", False):
+            continue
+
+        def quiet_init(self, *args, _init=init, **kwargs):  # callers pass disable= explicitly
+            kwargs["disable"] = True
+            _init.__get__(self, type(self))(*args, **kwargs)  # a function or partialmethod
+
+        quiet_init._evoray_quiet = True  # type: ignore[attr-defined]
+        cls.__init__ = quiet_init  # type: ignore[method-assign]
+    try:
+        from datasets.utils.logging import disable_progress_bar
+
+        disable_progress_bar()
+    except ImportError:  # pragma: no cover - datasets is a dependency
+        pass
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
 
 
 def bind_parameters(
@@ -95,6 +125,8 @@ class OffspringWorker:
     def __init__(self, spec: WorkerSpec) -> None:
         if spec.torch_threads:
             torch.set_num_threads(spec.torch_threads)
+        if spec.quiet:
+            silence_progress_bars()
         self.spec = spec
         self.device = torch.device(spec.device)
         layout = spec.layout

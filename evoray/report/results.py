@@ -37,6 +37,20 @@ def _mean(
     return mean_score(scores, metric)
 
 
+def _direction(pool: TaskPool, tasks: Sequence[str], metric: str) -> tuple[float, str]:
+    """(sign, header) of the table's mean columns: a mean of one lower-is-better metric (all
+    tasks scored by perplexity) is shown as that metric's value, not as the negated fitness
+    selection maximises; a mix of metrics is the fitness (lower-is-better ones negated)."""
+    from evoray.tasks.metrics import LOWER_IS_BETTER
+
+    names = {pool.metric(t) if isinstance(pool, MultiTaskPool) else metric for t in tasks}
+    if len(names) == 1 and next(iter(names)) in LOWER_IS_BETTER:
+        return -1.0, f"{next(iter(names))}, lower is better"
+    if names & LOWER_IS_BETTER:
+        return 1.0, "fitness: " + ", ".join(sorted(names & LOWER_IS_BETTER)) + " negated"
+    return 1.0, ""
+
+
 def run_label(summary: dict[str, Any]) -> str:
     """A short name for a run: strategy and the settings that tell runs apart (the same label
     as in ``evoray report``'s plots)."""
@@ -72,13 +86,17 @@ def run_table(
         m = pool.metric(t) if isinstance(pool, MultiTaskPool) else metric
         return f"{scores[t][m]:.3f}"
 
-    head = ["model", *tasks, "in-domain", *[f"ood:{t}" for t in ood], "OOD", "dev evals"]
+    sign, note = _direction(pool, tasks, metric)
+    osign, onote = _direction(pool, ood, metric) if ood else (1.0, "")
+    in_domain = f"in-domain ({note})" if note else "in-domain"
+    out_domain = f"OOD ({onote})" if onote else "OOD"
+    head = ["model", *tasks, in_domain, *[f"ood:{t}" for t in ood], out_domain, "dev evals"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     evals = {run_label(s): s.get("evaluations") for s in summaries}
     for label, test, oods in rows:
-        cells = [cell(test, t) for t in tasks] + [f"{_mean(test, metric, pool):.3f}"]
+        cells = [cell(test, t) for t in tasks] + [f"{sign * _mean(test, metric, pool):.3f}"]
         cells += [cell(oods, t) for t in ood]
-        cells += [f"{_mean(oods, metric, pool):.3f}" if oods else "-"]
+        cells += [f"{osign * _mean(oods, metric, pool):.3f}" if oods else "-"]
         cells += [str(evals[label]) if evals.get(label) is not None else "-"]
         lines.append("| " + " | ".join([label, *cells]) + " |")
     return "\n".join(lines)
