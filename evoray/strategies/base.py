@@ -5,9 +5,9 @@ touches weights or Ray. It describes what to build from the population (``Build`
 DE offspring, a merge), asks for those to be scored, kept in the population or compared by
 kinship, and for slots it can rebuild to be released (``Batch``), and is told the answers.
 ``generation()`` is that ask/tell loop as a generator: each ``yield`` asks for a batch and the
-value sent back tells its answers, so a
-generation may take several rounds (Evolver's merger mode scores a combined merge after the
-trials; greedy merging asks kinship before it picks an exploration partner).
+value sent back tells its answers, so a generation may take several rounds (Evolver's merger
+mode scores a combined merge after the trials; greedy merging asks kinship before it picks an
+exploration partner).
 
 Builds in one batch all read the population as it was when the batch was asked, so the
 synchronous updates of a generation do not depend on their order. A strategy's state is a small
