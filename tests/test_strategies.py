@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections import namedtuple
 from dataclasses import dataclass
+from itertools import combinations
 
 import pytest
 import torch
@@ -19,6 +20,7 @@ from evoray.strategies import REGISTRY, get_strategy, names
 from evoray.strategies.base import (
     Answers,
     Batch,
+    Keep,
     Member,
     MergeAll,
     Merged,
@@ -57,12 +59,15 @@ class LocalPopulation:
     merger: object = None
     merged: torch.Tensor | None = None
     evaluated: int = 0
+    peak: int = 0  # most vectors held at once (a released slot is None)
+    rebuilt: int = 0  # keeps into a slot released before
 
     def fitness(self, v: torch.Tensor) -> float:
         return -float((v.float() - self.target).norm())
 
     def build(self, b, pop, merged) -> torch.Tensor:
         if isinstance(b, Member):
+            assert pop[b.slot] is not None, f"slot {b.slot} was released"
             return pop[b.slot]
         if isinstance(b, Merged):
             return merged
@@ -77,6 +82,7 @@ class LocalPopulation:
             return out
         if isinstance(b, MethodMerge):
             base = pop[b.slots[0]] if not b.with_base else self.base
+            assert all(pop[i] is not None for i in b.slots), f"{b.slots}: a slot was released"
             models = [pop[i] for i in (b.slots if b.with_base else b.slots[1:])]
             return merge_flat(b.method, LAYOUT, models, base, b.per_model, b.settings, n_layers=2)
         raise TypeError(b)
@@ -96,11 +102,17 @@ class LocalPopulation:
             v = self.build(k.build, pop, merged)
             if k.slot is None:
                 self.merged = v
-            elif k.slot == len(self.members):
-                self.members.append(v)
-            else:
-                self.members[k.slot] = v
+                continue
+            self.rebuilt += k.slot < len(self.members) and self.members[k.slot] is None
+            self.members.extend([None] * (k.slot + 1 - len(self.members)))
+            self.members[k.slot] = v
+        self.peak = max(self.peak, self.held())
+        for slot in batch.release:
+            self.members[slot] = None
         return Answers(scores=scores, kinship=kin)
+
+    def held(self) -> int:
+        return sum(v is not None for v in self.members)
 
 
 def population(n: int = 4, seed: int = 0) -> LocalPopulation:
@@ -168,8 +180,127 @@ def test_greedy_keeps_the_best_candidate_and_stops():
     assert g.done and g.state.stopped
     fits = [c.fitness for c in g.state.candidates]
     assert g.best_fitness == max(fits)
-    assert len(pop.members) == len(g.state.candidates)  # every merge was kept as a slot
-    assert pop.fitness(pop.members[g.state.best]) == pytest.approx(g.best_fitness)
+    assert pop.fitness(pop.build(g.answer(), pop.members, None)) == pytest.approx(g.best_fitness)
+
+
+class MainGreedy(KinshipGreedy):
+    """Greedy as main (870695a) ran it: every candidate kept in its slot, never released."""
+
+    def replay(self):
+        merged = self.state.candidates[self.problem.n_members :]
+        return [Batch(keep=(Keep(self._merge(*c.parents), c.id),)) for c in merged]
+
+    def generation(self):
+        s, state = self.settings, self.state
+        new = [state.add(p) for p in state.pairs_to_merge()]
+        if s.explore and state.generation > 0:
+            in_top, fresh = state.exploration_candidates()
+            taken = {frozenset(c.parents) for c in new}
+            options = [i for i in (in_top or fresh) if frozenset((state.best, i)) not in taken]
+            if options:
+                kin = yield Batch(kinship=tuple((state.best, i) for i in options))
+                partner = options[min(range(len(options)), key=kin.kinship.__getitem__)]
+                new.append(state.add((state.best, partner), explore=True))
+        if not new:
+            state.stopped = "nothing left to merge"
+            state.generation += 1
+            return self._report(0, 0.0, [])
+        yield Batch(keep=tuple(Keep(self._merge(*c.parents), c.id) for c in new))
+        answers = yield Batch(
+            evaluate=tuple(Member(c.id) for c in new), kinship=tuple(c.parents for c in new)
+        )
+        for c, k, res in zip(new, answers.kinship, answers.scores, strict=True):
+            c.parent_kinship = k
+            c.fitness = res.fitness
+        old_top = state.top
+        state.top = state.rank()
+        state.generation += 1
+        if set(state.top) == set(old_top):
+            state.stopped = "top-k unchanged"
+        elif s.kinship_threshold is not None:
+            pairs = tuple(combinations(state.top, 2))
+            kin = (yield Batch(kinship=pairs)).kinship if pairs else []
+            if kin and sum(kin) / len(kin) > s.kinship_threshold:
+                state.stopped = f"top-k mean kinship above {s.kinship_threshold}"
+        if not state.done and state.generation >= s.max_generations:
+            state.stopped = "max_generations"
+        return self._report(len(new), 0.0, [])
+
+
+def run_greedy(cls, settings: GreedySettings, n: int, seed: int):
+    """A greedy run on a fresh toy population: the strategy, population, top-k per generation
+    and the number of new candidates per generation."""
+    pop = population(n, seed)
+    g = cls(settings, problem(pop))
+    drive(g.setup(), pop.execute)
+    tops, new = [list(g.state.top)], []
+    while not g.done:
+        before = len(g.state.candidates)
+        drive(g.generation(), pop.execute)
+        tops.append(list(g.state.top))
+        new.append(len(g.state.candidates) - before)
+    return g, pop, tops, new
+
+
+GREEDY_CASES = [
+    (GreedySettings(k=2, max_generations=8), 4, 0),
+    (GreedySettings(k=3, max_generations=8), 5, 1),
+    (GreedySettings(k=3, operator="task_arithmetic", weight=0.7, max_generations=8), 4, 2),
+    (GreedySettings(k=2, operator="ties", explore=False, max_generations=8), 4, 3),
+    (GreedySettings(k=4, kinship_threshold=0.99, max_generations=8), 5, 4),
+]
+
+
+@pytest.mark.parametrize(("settings", "n", "seed"), GREEDY_CASES)
+def test_greedy_releases_candidates_yet_decides_as_main_did(settings, n, seed):
+    """Same candidates, fitness, kinships, top-k sequence and answer as main's keep-everything
+    greedy, while the population holds at most members + k + one generation's candidates."""
+    want, want_pop, want_tops, _ = run_greedy(MainGreedy, settings, n, seed)
+    got, pop, tops, new = run_greedy(KinshipGreedy, settings, n, seed)
+    assert got.get_state() == want.get_state()
+    assert tops == want_tops
+    answer = pop.build(got.answer(), pop.members, None)
+    torch.testing.assert_close(answer, want_pop.build(want.answer(), want_pop.members, None))
+    n_cands = len(got.state.candidates)
+    assert want_pop.peak == n_cands  # main held every candidate
+    assert pop.peak <= n + settings.k + max(new)
+    if got.generations_done > 2:
+        assert pop.peak < n_cands
+    # between generations: the members and the merged top-k only
+    assert {i for i, v in enumerate(pop.members) if v is not None} == set(range(n)) | set(
+        got.state.top
+    )
+
+
+def test_greedy_rebuilds_a_released_exploration_partner():
+    """k=2: the best soon has merged with the other top model, so exploration picks among all
+    candidates, released ones rebuilt from their recipes (ancestors first) and released again."""
+    settings, n, seed = GreedySettings(k=2, max_generations=8), 4, 0
+    got, pop, _, _ = run_greedy(KinshipGreedy, settings, n, seed)
+    want, _, _, _ = run_greedy(MainGreedy, settings, n, seed)
+    assert got.get_state() == want.get_state()
+    assert pop.rebuilt > 0  # released candidates were compared (and merged) again
+    assert any(c.explore and c.parents[1] not in want.state.top for c in got.state.candidates)
+
+
+def test_greedy_resumed_from_its_state_rebuilds_only_its_top_k():
+    s = GreedySettings(k=3, max_generations=6)
+    full, full_pop, _, _ = run_greedy(KinshipGreedy, s, 5, 1)
+    half, _, _, _ = run_greedy(KinshipGreedy, GreedySettings(k=3, max_generations=2), 5, 1)
+    state = {**half.get_state(), "settings": vars(s).copy(), "stopped": None}
+    pop = population(5, 1)
+    again = KinshipGreedy(s, problem(pop))
+    again.set_state(state)
+    for batch in again.replay():
+        pop.execute(batch)
+    held = {i for i, v in enumerate(pop.members) if v is not None}
+    assert held == set(range(5)) | set(again.state.top) and len(held) < len(again.state.candidates)
+    while not again.done:
+        drive(again.generation(), pop.execute)
+    assert again.get_state() == full.get_state()
+    for i, v in enumerate(pop.members):
+        if v is not None:
+            torch.testing.assert_close(v, full_pop.members[i])
 
 
 def test_greedy_needs_a_base():

@@ -101,7 +101,7 @@ class RayPopulation:
         self.inputs = inputs
         self.pool = pool
         self.layout = pool.spec.layout
-        self.refs: list[ray.ObjectRef] = []
+        self.refs: list[ray.ObjectRef | None] = []  # None: a released slot
         self.base_ref: ray.ObjectRef | None = None
         self.merged_ref: ray.ObjectRef | None = None
         self.merger_ref: ray.ObjectRef | None = None
@@ -153,10 +153,12 @@ class RayPopulation:
             ref = self.materialize(keep.build, pop, merged)
             if keep.slot is None:
                 self.merged_ref = ref
-            elif keep.slot == len(self.refs):
-                self.refs.append(ref)
-            else:
-                self.refs[keep.slot] = ref
+                continue
+            if keep.slot >= len(self.refs):
+                self.refs.extend([None] * (keep.slot + 1 - len(self.refs)))
+            self.refs[keep.slot] = ref
+        for slot in batch.release:  # the store frees the vector once no ref to it remains
+            self.refs[slot] = None
         return Answers(scores=scores, kinship=kinship)
 
     def _context(self, merged: ray.ObjectRef | None) -> dict[str, ray.ObjectRef | None]:
@@ -183,11 +185,14 @@ class RayPopulation:
         return [_score(r) for r in self.pool.evaluate_vectors(refs)]
 
     def _kinship(self, pairs: Sequence[tuple[int, int]], pop) -> list[float]:
-        calls = [self.pool.submit("kinship", self.base_ref, pop[a], pop[b]) for a, b in pairs]
+        calls = [
+            self.pool.submit("kinship", self.base_ref, _slot(pop, a), _slot(pop, b))
+            for a, b in pairs
+        ]
         return [k["pearson"] for k in ray.get(calls)]
 
     def _merge_args(self, b: MethodMerge, pop) -> tuple:
-        members = [pop[i] for i in b.slots]
+        members = [_slot(pop, i) for i in b.slots]
         base = (self.base_ref,) if b.with_base else ()
         return (b.method, [dict(p) for p in b.per_model], dict(b.settings), *base, *members)
 
@@ -196,7 +201,7 @@ class RayPopulation:
         pop = list(self.refs) if pop is None else pop
         merged = self.merged_ref if merged is None else merged
         if isinstance(build, Member):
-            return pop[build.slot]
+            return _slot(pop, build.slot)
         if isinstance(build, Merged):
             return merged
         if isinstance(build, Offspring):
@@ -218,6 +223,14 @@ class RayPopulation:
             (ood,) = self.pool.evaluate_vectors([ref], split="ood-test")
             out["ood"] = ood["scores"]
         return out
+
+
+def _slot(pop: Sequence[ray.ObjectRef | None], i: int) -> ray.ObjectRef:
+    """Population slot ``i``; a released one is a strategy bug (it must keep it again first)."""
+    ref = pop[i] if 0 <= i < len(pop) else None
+    if ref is None:
+        raise RuntimeError(f"population slot {i} is empty (released or never kept)")
+    return ref
 
 
 def _score(result: dict[str, Any]) -> Score:

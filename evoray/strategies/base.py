@@ -3,10 +3,11 @@
 A search strategy is pure decision logic, in the spirit of Ray Tune's ``Searcher``: it never
 touches weights or Ray. It describes what to build from the population (``Build``: a member, a
 DE offspring, a merge), asks for those to be scored, kept in the population or compared by
-kinship (``Batch``), and is told the answers. ``generation()`` is that ask/tell loop as a
-generator: each ``yield`` asks for a batch and the value sent back tells its answers, so a
-generation may take several rounds (Evolver's merger mode scores a combined merge after the
-trials; greedy merging asks kinship before it picks an exploration partner).
+kinship, and for slots it can rebuild to be released (``Batch``), and is told the answers.
+``generation()`` is that ask/tell loop as a generator: each ``yield`` asks for a batch and the
+value sent back tells its answers, so a generation may take several rounds (Evolver's merger
+mode scores a combined merge after the trials; greedy merging asks kinship before it picks an
+exploration partner).
 
 Builds in one batch all read the population as it was when the batch was asked, so the
 synchronous updates of a generation do not depend on their order. A strategy's state is a small
@@ -80,8 +81,8 @@ Build = Member | Offspring | Merged | MergeAll | MergedWith | MethodMerge
 
 @dataclass(frozen=True)
 class Keep:
-    """Store a build in population slot ``slot`` (``None``: the merged model; ``slot ==
-    len(population)``: append)."""
+    """Store a build in population slot ``slot`` (``None``: the merged model; ``slot >=
+    len(population)``: append, slots skipped on the way stay empty)."""
 
     build: Build
     slot: int | None
@@ -89,14 +90,19 @@ class Keep:
 
 @dataclass(frozen=True)
 class Batch:
-    """One round of work: builds kept, candidates scored on dev, kinship of slot pairs.
+    """One round of work: builds kept, candidates scored on dev, kinship of slot pairs, slots
+    released.
 
     Every build reads the population as it was when the batch was asked; keeps are applied
-    after the scores and kinships are computed."""
+    after the scores and kinships are computed, releases last. A released slot is empty (its
+    vector freed once nothing else holds it) until a later keep fills it again; reading it is
+    an error. Strategies release what they can rebuild from a recipe, so the object store holds
+    only what the search still needs."""
 
     evaluate: tuple[Build, ...] = ()
     kinship: tuple[tuple[int, int], ...] = ()
     keep: tuple[Keep, ...] = ()
+    release: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True)

@@ -8,7 +8,20 @@ that pair was merged already, the lowest-kinship model among all candidates not 
 the best is taken instead. The search stops when the top-k set no longer changes, when the
 top-k models' mean pairwise kinship exceeds a threshold (optional), or after max_generations.
 
-Candidates are described by their parents, so the state replays (merges are deterministic).
+Candidates are described by their parents, so the state replays (merges are deterministic),
+and a candidate's vector is a recipe the population can rebuild: only the members and the
+current top-k stay in the population between generations; every other merged slot is released.
+
+Memory bound (flat vectors held by the population, at any time): the members, the top-k of the
+generation before, the new candidates of the generation in flight, plus, only while a released
+candidate is rebuilt (an exploration partner outside the top-k, a replay after resume), its
+released ancestors (the new candidates are not built yet then, so in practice it stays within
+the same budget; a deep tree of merges can exceed it by its rebuild frontier). The price is
+compute: when exploration falls back to all candidates, released ones are merged again (each
+at most once per generation, ancestors included). With ``n`` members, ``k`` and ``c`` new
+candidates per generation (at most ``n(n-1)/2`` in the first, ``k(k-1)/2 + 1`` later): ``n + k +
+c`` outside rebuilds, independent of the number of generations (before, every candidate stayed
+in the object store).
 """
 
 from __future__ import annotations
@@ -180,6 +193,9 @@ class KinshipGreedy(Strategy):
             raise ConfigError("kinship_greedy needs the models' shared base (models.base)")
         super().__init__(settings, problem)
         self.state = GreedyState(settings, [Candidate(i) for i in range(problem.n_members)])
+        # Kinships to the best already asked (deterministic, so a resumed run that asks them
+        # again gets the same): spares rebuilding released candidates for them.
+        self._kin: dict[tuple[int, int], float] = {}
 
     def _merge(self, a: int, b: int) -> MethodMerge:
         method, per, glob, a_is_base = self.settings.recipe()
@@ -194,21 +210,62 @@ class KinshipGreedy(Strategy):
         self.state.top = self.state.rank()
 
     def replay(self) -> list[Batch]:
-        """Every merged candidate from its parents, in order (merges are deterministic)."""
-        merged = self.state.candidates[self.problem.n_members :]
-        return [Batch(keep=(Keep(self._merge(*c.parents), c.id),)) for c in merged]
+        """The members' top-k merged candidates from their parents (merges are deterministic),
+        rebuilding released ancestors on the way and releasing them again."""
+        return self._rebuild(self.state.top, held=set())
+
+    def held(self) -> set[int]:
+        """Merged candidates the population holds between generations: those in the top-k."""
+        return {i for i in self.state.top if self.state.candidates[i].parents}
+
+    def _closure(self, targets: list[int], held: set[int]) -> list[int]:
+        """The merged candidates among ``targets`` and their ancestors that are not in ``held``
+        (members always are), in id order: parents before children."""
+        cands = self.state.candidates
+        need: set[int] = set()
+        stack = [t for t in targets if cands[t].parents and t not in held]
+        while stack:
+            i = stack.pop()
+            if i not in need:
+                need.add(i)
+                stack += [p for p in cands[i].parents if cands[p].parents and p not in held]
+        return sorted(need)
+
+    def _rebuild(self, targets: list[int], held: set[int]) -> list[Batch]:
+        """Batches that keep each of ``targets`` not in ``held``, its missing ancestors first,
+        one candidate a batch; an ancestor is released by the batch of its last child, so only
+        ``targets`` and ``held`` remain."""
+        cands = self.state.candidates
+        order = self._closure(targets, held)
+        last_child = {p: i for i in order for p in cands[i].parents if p in order}
+        keep = set(targets)
+        return [
+            Batch(
+                keep=(Keep(self._merge(*cands[i].parents), i),),
+                release=tuple(
+                    p for p in cands[i].parents if last_child.get(p) == i and p not in keep
+                ),
+            )
+            for i in order
+        ]
 
     def generation(self) -> Plan:
         s, state = self.settings, self.state
         t0 = time.perf_counter()
+        held = self.held()  # plus the members
         new = [state.add(p) for p in state.pairs_to_merge()]
+        partner_rebuilt: tuple[int, ...] = ()
         if s.explore and state.generation > 0:
             in_top, fresh = state.exploration_candidates()
             taken = {frozenset(c.parents) for c in new}
             options = [i for i in (in_top or fresh) if frozenset((state.best, i)) not in taken]
             if options:
-                kin = yield Batch(kinship=tuple((state.best, i) for i in options))
-                partner = options[min(range(len(options)), key=kin.kinship.__getitem__)]
+                kin = yield from self._kinship_to(state.best, options, held)
+                partner = options[min(range(len(options)), key=kin.__getitem__)]
+                if state.candidates[partner].parents and partner not in held:
+                    for batch in self._rebuild([partner], held):
+                        _ = yield batch  # a list is no generator: answers are not passed on
+                    partner_rebuilt = (partner,)
                 new.append(state.add((state.best, partner), explore=True))
         if not new:
             state.stopped = "nothing left to merge"
@@ -234,7 +291,32 @@ class KinshipGreedy(Strategy):
                 state.stopped = f"top-k mean kinship above {s.kinship_threshold}"
         if not state.done and state.generation >= s.max_generations:
             state.stopped = "max_generations"
+        dropped = (held | {c.id for c in new} | set(partner_rebuilt)) - self.held()
+        if dropped:  # rebuilt from their recipes if they are needed again
+            yield Batch(release=tuple(sorted(dropped)))
         return self._report(len(new), t0, rows)
+
+    def _kinship_to(self, best: int, options: list[int], held: set[int]):
+        """Kinship of ``best`` to each option. Held ones are compared in one batch; released
+        ones are rebuilt in one sweep in id order (each at most once, ancestors first), each
+        compared as soon as it is built and released once it and its children are done."""
+        cands = self.state.candidates
+        kin = {i: self._kin[(best, i)] for i in options if (best, i) in self._kin}
+        ready = [i for i in options if i not in kin and (not cands[i].parents or i in held)]
+        if ready:
+            got = yield Batch(kinship=tuple((best, i) for i in ready))
+            kin.update(zip(ready, got.kinship, strict=True))
+        order = self._closure([i for i in options if i not in kin], held)
+        last_child = {p: i for i in order for p in cands[i].parents if p in order}
+        wanted = set(options) - set(kin)
+        for i in order:
+            done = tuple(p for p in cands[i].parents if last_child.get(p) == i)
+            yield Batch(keep=(Keep(self._merge(*cands[i].parents), i),), release=done)
+            if i in wanted:
+                got = yield Batch(kinship=((best, i),), release=() if i in last_child else (i,))
+                kin[i] = got.kinship[0]
+        self._kin.update(((best, i), kin[i]) for i in options)
+        return [kin[i] for i in options]
 
     def _row(self, c: Candidate) -> LogRow:
         return LogRow(
