@@ -12,7 +12,7 @@ STAMP := $(VENV)/.installed
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q '$(TORCH_SPEC)'
-	$(BIN)/python -m pip install -q -e '.[dev,lm-eval]'
+	$(BIN)/python -m pip install -q -e '.[dev,lm-eval,peer]'
 	touch $(STAMP)
 
 # The default job: Evolver (individual and with average/Fisher/RegMean mergers) on the embedded

@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import importlib.util
+import os
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -167,6 +171,27 @@ def test_best_recipe_is_a_mergekit_yaml_evoray_merge_reproduces(
         ws = [w[layer if granularity else 0] for w in weights]
         want = base[key] + sum(w * (e[key] - base[key]) for w, e in zip(ws, experts, strict=True))
         assert torch.allclose(merged[key], want, atol=1e-5), (granularity, layer)
+    # The same file through the real peer, as the README tells users: `mergekit-yaml` from
+    # another working directory with a relative recipe path, offline.
+    mergekit_yaml = shutil.which("mergekit-yaml", path=str(Path(sys.executable).parent))
+    if mergekit_yaml is None:
+        pytest.skip("mergekit is not installed (pip install 'evoray[peer]')")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run(
+        [mergekit_yaml, "../recipe.yml", "../by-mergekit"],
+        cwd=elsewhere,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    theirs = load_file(tmp_path / "by-mergekit" / "model.safetensors")
+    assert theirs.keys() == merged.keys()
+    for name, t in merged.items():
+        torch.testing.assert_close(theirs[name], t, rtol=1e-6, atol=1e-7, msg=name)
 
 
 def test_run_config_takes_a_list_of_task_entries() -> None:
