@@ -51,6 +51,10 @@ SCHEMA = pa.schema(
         pa.field("eval_time_s", pa.float64(), nullable=False),
         pa.field("node", pa.string(), nullable=False),
         pa.field("device", pa.string(), nullable=False),
+        # Racing (evoray.strategies.racing): dev examples scored, and whether racing stopped
+        # the build early. Null in logs written before these columns existed.
+        pa.field("dev_examples", pa.int64()),
+        pa.field("racing_stopped", pa.bool_()),
         pa.field("timestamp", pa.timestamp("us", tz="UTC"), nullable=False),
         pa.field("scores", pa.map_(pa.string(), pa.float64()), nullable=False),
     ]
@@ -76,6 +80,7 @@ REQUIRED = (
 _INT = {"generation", "individual", "seed"}
 _FLOAT = {"fitness", "wall_time_s", "eval_time_s"}
 _NULLABLE_FLOAT = {"kinship_to_parent"}
+_NULLABLE = {"dev_examples", "racing_stopped"}
 _STR = {"run_id", "strategy", "operator", "node", "device"}
 _INT32_MAX = 2**31 - 1
 
@@ -115,6 +120,16 @@ def _check(name: str, value: Any) -> Any:
             f"run log field {name!r}: expected {expected}, got {type(value).__name__} {value!r}"
         )
 
+    if name in _NULLABLE and value is None:
+        return None
+    if name == "dev_examples":
+        if not _is_int(value) or value < 0:
+            raise bad("a non-negative int or None")
+        return int(value)
+    if name == "racing_stopped":
+        if not isinstance(value, (bool, np.bool_)):
+            raise bad("a bool or None")
+        return bool(value)
     if name in _INT:
         if not _is_int(value):
             raise bad("an int")
@@ -231,7 +246,7 @@ class RunLog:
         out.setdefault("timestamp", dt.datetime.now(dt.timezone.utc))
         out.setdefault("scores", {})
         out.setdefault("settings", {})
-        for k in _NULLABLE_FLOAT:
+        for k in (*_NULLABLE_FLOAT, *_NULLABLE):
             out.setdefault(k, None)
         with self._lock:
             if out["individual"] in self._individuals:

@@ -174,12 +174,21 @@ class RunConfig:
         if "run_dir" in output:
             check_value(output["run_dir"], str, "output.run_dir", source)
         tasks = _tasks_section(data.get("tasks"), source)
+        pool = None
         if isinstance(tasks, list):  # files and fields checked now, before Ray starts
             from evoray.tasks.pool import make_task_pool
 
-            make_task_pool(tasks, source)
+            pool = make_task_pool(tasks, source)
         else:
             _check_tasks(tasks, source)
+        if pool is not None and any({**own, **c}.get("racing") for c in _grid(grid) or [{}]):
+            problems = pool.racing_problems()
+            if problems:
+                raise ConfigError(
+                    f"{source}: {strategy}.racing: racing bounds only means of per-example "
+                    f"scores in [0, 1] (accuracy, exact_match), but {'; '.join(problems)}. "
+                    "Set racing: false, or score those tasks with such a metric"
+                )
         return cls(
             strategy=strategy,
             models=models_spec,

@@ -62,17 +62,23 @@ class WorkerPool:
         *,
         merged: bool,
         context: dict[str, ray.ObjectRef | None] | None = None,
+        races: Sequence[Any] | None = None,
     ) -> list[dict]:
         """Results in recipe order. Recipes are dealt round-robin, one call per worker, with
         the population passed along (refs: nothing is copied), so a generation costs one round
         trip per worker; offspring of one generation cost about the same to evaluate.
         ``context`` refs (base, merged, merger) stay nested so workers fetch them only once.
+        ``races`` (per recipe, ``Race`` or None) travel inside the recipe dicts as ``race``.
         A worker that dies is restarted by Ray and its call retried (``max_task_retries``);
         everything it needs comes with the call, so the retry gives the same result."""
         w = len(self.actors)
         ctx = dict(context or {})
+        dicts = [
+            r.to_dict() if race is None else {**r.to_dict(), "race": race.to_dict()}
+            for r, race in zip(recipes, races or [None] * len(recipes), strict=True)
+        ]
         calls = [
-            a.evaluate_batch.remote([r.to_dict() for r in recipes[i::w]], merged, ctx, *population)
+            a.evaluate_batch.remote(dicts[i::w], merged, ctx, *population)
             for i, a in enumerate(self.actors)
         ]
         per_worker = ray.get(calls)

@@ -173,7 +173,11 @@ class RayPopulation:
             in_merge = isinstance(builds[0], MergedWith)
             recipes = [b.recipes[0] if in_merge else b.recipe for b in builds]
             results = self.pool.evaluate_recipes(
-                recipes, pop, merged=in_merge, context=self._context(merged)
+                recipes,
+                pop,
+                merged=in_merge,
+                context=self._context(merged),
+                races=[b.race for b in builds],
             )
             return [_score(r) for r in results]
         if all(isinstance(b, MethodMerge) for b in builds):
@@ -242,4 +246,6 @@ def _score(result: dict[str, Any]) -> Score:
         kinship_to_parent=result.get("kinship_to_parent"),
         node=result["node"],
         device=result["device"],
+        examples=result.get("examples"),
+        racing_stopped=bool(result.get("racing_stopped", False)),
     )

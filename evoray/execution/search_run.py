@@ -94,6 +94,8 @@ class SearchRun:
             "node": score.node,
             "device": score.device,
             "timestamp": datetime.now(timezone.utc),
+            "dev_examples": score.examples,
+            "racing_stopped": score.racing_stopped if score.examples is not None else None,
         }
 
     def final_ref(self) -> ray.ObjectRef:

@@ -18,9 +18,11 @@ from typing import Any
 import numpy as np
 import torch
 
+from evoray.execution.racing import race_scores
 from evoray.kinship.metrics import kinship_flat
 from evoray.models.pool import check_model_for_tasks, load_model
 from evoray.strategies.de import Recipe, build_offspring
+from evoray.strategies.racing import Race
 from evoray.tasks.evaluation import EncodedSplit
 from evoray.tasks.pool import TaskPool, ZooTasks
 from evoray.weights.flat import FlatWeights, from_numpy, to_numpy
@@ -177,7 +179,14 @@ class OffspringWorker:
     # -- work ----------------------------------------------------------------------------------
 
     def evaluate_recipe(self, recipe: Recipe | dict, merged: bool = False) -> dict[str, Any]:
-        """Build the offspring (or the merge containing it), score it on dev."""
+        """Build the offspring (or the merge containing it), score it on dev (by racing
+        when the recipe dict carries a ``race``: ``Race.to_dict()``)."""
+        race = None
+        if isinstance(recipe, dict) and recipe.get("race") is not None:
+            recipe = dict(recipe)
+            race = Race(**recipe.pop("race"))
+        elif isinstance(recipe, dict):
+            recipe = {k: v for k, v in recipe.items() if k != "race"}
         recipe = Recipe.from_dict(recipe) if isinstance(recipe, dict) else recipe
         t0 = time.perf_counter()
         if merged:
@@ -195,12 +204,11 @@ class OffspringWorker:
             parent = self.population[recipe.target]
             kin = kinship_flat(u, parent, self.base).pearson
         t1 = time.perf_counter()
-        scores = self.scores()
+        raced = race_scores(self, race) if race is not None else self.full_scores()
         t2 = time.perf_counter()
         return {
             "recipe": recipe.to_dict(),
-            "scores": scores,
-            "fitness": self.spec.tasks.fitness(scores),
+            **raced,
             "build_time_s": t1 - t0,
             "eval_time_s": t2 - t1,
             "kinship_to_parent": kin,
@@ -228,6 +236,16 @@ class OffspringWorker:
             "eval_time_s": time.perf_counter() - t0,
             "node": self.node,
             "device": str(self.device),
+        }
+
+    def full_scores(self) -> dict[str, Any]:
+        """Scores, fitness and example count on the full dev set (no racing)."""
+        scores = self.scores()
+        return {
+            "scores": scores,
+            "fitness": self.spec.tasks.fitness(scores),
+            "examples": sum(len(d) for d in self.dev.values()),
+            "racing_stopped": False,
         }
 
     def scores(self, split: str = "dev") -> dict[str, dict[str, float]]:

@@ -26,6 +26,7 @@ from dataclasses import dataclass, field, fields
 from typing import Any, ClassVar
 
 from evoray.strategies.de import Recipe
+from evoray.strategies.racing import Race
 
 # -- what to build ----------------------------------------------------------------------------
 
@@ -39,9 +40,11 @@ class Member:
 
 @dataclass(frozen=True)
 class Offspring:
-    """The DE offspring of ``recipe`` (target, references, F, CR, seed) from the population."""
+    """The DE offspring of ``recipe`` (target, references, F, CR, seed) from the population.
+    ``race``: score it by racing against ``race.must_beat`` (None: on the full dev set)."""
 
     recipe: Recipe
+    race: Race | None = None
 
 
 @dataclass(frozen=True)
@@ -57,9 +60,11 @@ class MergeAll:
 @dataclass(frozen=True)
 class MergedWith:
     """The merged model with each recipe's offspring in place of its target (one recipe: a
-    merger-mode trial; several: the combined update of a generation)."""
+    merger-mode trial; several: the combined update of a generation). ``race`` as for
+    ``Offspring`` (single-recipe trials only)."""
 
     recipes: tuple[Recipe, ...]
+    race: Race | None = None
 
 
 @dataclass(frozen=True)
@@ -107,7 +112,9 @@ class Batch:
 
 @dataclass(frozen=True)
 class Score:
-    """The dev result of one build: fitness, per-task scores, and where and how fast."""
+    """The dev result of one build: fitness, per-task scores, and where and how fast.
+    ``examples``: dev examples scored (None: not counted); ``racing_stopped``: racing rejected
+    it after ``examples``, so ``fitness`` is the partial estimate on those."""
 
     fitness: float
     scores: dict[str, dict[str, float]]
@@ -116,6 +123,8 @@ class Score:
     kinship_to_parent: float | None = None
     node: str = ""
     device: str = ""
+    examples: int | None = None
+    racing_stopped: bool = False
 
 
 @dataclass(frozen=True)

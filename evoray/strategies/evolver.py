@@ -42,6 +42,7 @@ from evoray.strategies.base import (
     fmt_num,
 )
 from evoray.strategies.de import MUTATIONS, Recipe, sample_recipes
+from evoray.strategies.racing import Race
 
 MERGERS = ("none", "average", "fisher", "regmean")
 
@@ -59,8 +60,18 @@ class EvolverSettings:
     fisher_smoothing: float = 1e-10
     seed: int = 0
     metric: str = "accuracy"
+    # Racing (evoray.strategies.racing): off by default.
+    racing: bool = False
+    racing_confidence: float = 0.95
+    racing_first: float = 0.25
 
     def __post_init__(self) -> None:
+        if not 0.0 < self.racing_confidence <= 1.0:
+            raise ValueError(
+                f"evolver.racing_confidence must be in (0, 1], got {self.racing_confidence}"
+            )
+        if not 0.0 < self.racing_first <= 1.0:
+            raise ValueError(f"evolver.racing_first must be in (0, 1], got {self.racing_first}")
         if self.mutation not in MUTATIONS:
             raise ValueError(f"evolver.mutation must be one of {MUTATIONS}, got {self.mutation!r}")
         if self.merger not in MERGERS:
@@ -226,7 +237,12 @@ class Evolver(Strategy):
         s, state = self.settings, self.state
         t0 = time.perf_counter()
         recipes = state.recipes()
-        builds = tuple(MergedWith((r,)) if s.merger_mode else Offspring(r) for r in recipes)
+        builds = tuple(
+            MergedWith((r,), self._race(state.merged_fitness))
+            if s.merger_mode
+            else Offspring(r, self._race(state.fitness[r.target]))
+            for r in recipes
+        )
         answers = yield Batch(evaluate=builds)
         results = answers.scores
         trials = [
@@ -266,6 +282,13 @@ class Evolver(Strategy):
             },
             rows=rows,
         )
+
+    def _race(self, must_beat: float | None) -> Race | None:
+        """What a trial must beat to be accepted, when racing is on (None: score it fully)."""
+        s = self.settings
+        if not s.racing or must_beat is None:
+            return None
+        return Race(float(must_beat), s.racing_confidence, s.racing_first)
 
     def _row(self, r: Recipe, accepted: bool) -> LogRow:
         settings: dict[str, Any] = {"mutation": r.mutation, "F": r.F, "CR": r.CR}

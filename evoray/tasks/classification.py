@@ -13,7 +13,7 @@ import torch
 from evoray.errors import ConfigError
 from evoray.tasks.data import is_local
 from evoray.tasks.evaluation import EncodedSplit, predict_logits
-from evoray.tasks.kinds import TaskEntry, move_to_device
+from evoray.tasks.kinds import TaskEntry, move_to_device, subset_rows
 from evoray.tasks.metrics import accuracy, hf_metric_scores, macro_f1
 
 
@@ -34,6 +34,10 @@ class ClassData:
 
     def to(self, device: Any) -> ClassData:
         return move_to_device(self, device)
+
+    def subset(self, start: int, stop: int) -> ClassData:
+        """Rows ``start:stop`` (the slices racing scores in rounds)."""
+        return subset_rows(self, start, stop)
 
 
 @dataclass(frozen=True)

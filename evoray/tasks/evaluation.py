@@ -31,6 +31,11 @@ class EncodedSplit:
             self.input_ids.to(device), self.attention_mask.to(device), self.labels.to(device)
         )
 
+    def subset(self, start: int, stop: int) -> EncodedSplit:
+        """Rows ``start:stop`` (views, no copy): the slices racing scores in rounds."""
+        sl = slice(start, stop)
+        return EncodedSplit(self.input_ids[sl], self.attention_mask[sl], self.labels[sl])
+
 
 def encode(tokenizer, dataset: Dataset, *, max_length: int = 64) -> EncodedSplit:
     """Tokenise a ``text``/``label`` split once."""

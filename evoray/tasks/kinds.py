@@ -154,6 +154,18 @@ def move_to_device(obj: Any, device: Any) -> Any:
     return replace(obj, **moved)
 
 
+def subset_rows(obj: Any, start: int, stop: int) -> Any:
+    """``obj`` with every per-row field (tensors, splits, tuples) cut to rows ``start:stop``."""
+    sl = slice(start, stop)
+    out = {}
+    for k, v in obj.__dict__.items():
+        if isinstance(v, EncodedSplit):
+            out[k] = v.subset(start, stop)
+        elif isinstance(v, (torch.Tensor, tuple)) and len(v) == len(obj):
+            out[k] = v[sl]
+    return replace(obj, **out)
+
+
 # -- classification ---------------------------------------------------------------------------
 
 
@@ -176,6 +188,10 @@ class LMData:
 
     def to(self, device: Any) -> LMData:
         return move_to_device(self, device)
+
+    def subset(self, start: int, stop: int) -> LMData:
+        """Rows ``start:stop`` (the slices racing scores in rounds)."""
+        return subset_rows(self, start, stop)
 
 
 def _pad(rows: list[list[int]], pad_id: int, *, left: bool = False, value: int | None = None):

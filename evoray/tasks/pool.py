@@ -64,6 +64,17 @@ class TaskPool(ABC):
     def weight(self, task: str) -> float:
         return 1.0
 
+    def racing_problems(self) -> list[str]:
+        """Why racing cannot bound this pool's fitness: one line per in-domain task whose
+        metric is not a mean of per-example scores in [0, 1] (empty: racing applies)."""
+        from evoray.strategies.racing import BOUNDED_MEAN_METRICS
+
+        return [
+            f"task {t!r} metric {self.metric(t)!r}"
+            for t in self.names()
+            if self.metric(t) not in BOUNDED_MEAN_METRICS
+        ]
+
     def fitness(self, scores: dict[str, dict[str, float]]) -> float:
         """Weighted mean of each in-domain task's fitness metric (higher is better; a
         lower-is-better metric such as perplexity enters negated). Given only OOD scores (an
@@ -164,6 +175,16 @@ class MultiTaskPool(TaskPool):
 
     def weight(self, task: str) -> float:
         return float(self._entry(task).weight)
+
+    def racing_problems(self) -> list[str]:
+        """Only classification and qa data can be sliced; their accuracy / exact match are
+        bounded means (lm_eval tasks and text log-likelihoods are not)."""
+        out = super().racing_problems()
+        for t in self.tasks:
+            if not t.ood and t.kind not in ("classification", "qa"):
+                line = f"task {t.name!r} metric {t.metric!r}"
+                out += [] if line in out else [f"{line} (kind {t.kind!r})"]
+        return out
 
     def encode(self, tokenizer: Any, split: str) -> dict[str, Any]:
         ood = split.startswith("ood-")

@@ -1,0 +1,213 @@
+"""Racing: the stopping rule as pure functions, and a worker that races a tiny classifier."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from evoray.config.run_config import RunConfig
+from evoray.errors import ConfigError
+from evoray.execution.worker import OffspringWorker, WorkerSpec
+from evoray.models.pool import ModelPool
+from evoray.strategies.base import Offspring
+from evoray.strategies.de import Recipe
+from evoray.strategies.evolver import Evolver, EvolverSettings
+from evoray.strategies.racing import (
+    Race,
+    TaskSeen,
+    certain_upper,
+    estimate,
+    rejects,
+    round_fractions,
+    round_stops,
+    upper_bound,
+)
+from evoray.tasks.evaluation import EncodedSplit
+from evoray.tasks.pool import TaskPool
+from evoray.weights.checkpoint import open_checkpoint
+from evoray.weights.flat import flatten
+from tests.lm_fixtures import TEXTS, make_model
+
+# -- the stopping rule -------------------------------------------------------------------------
+
+
+def test_rounds_double_and_stay_below_the_whole():
+    assert round_fractions(0.25) == [0.25, 0.5]
+    assert round_fractions(1.0) == []
+    assert round_stops(10, [0.25, 0.5]) == [3, 5]
+    assert round_stops(2, [0.1, 0.2, 0.4]) == [1]
+    assert round_stops(1, [0.5]) == []
+
+
+def test_certain_bound_is_the_unseen_all_at_the_maximum():
+    tasks = [TaskSeen(2, 0.5, 4, 1.0), TaskSeen(1, 0.0, 2, 3.0)]
+    # task 1: (1 + 2) / 4; task 2: (0 + 1) / 2; weights 1 and 3
+    assert certain_upper(tasks) == pytest.approx((0.75 + 3 * 0.5) / 4)
+    assert upper_bound(tasks, 1.0) == certain_upper(tasks)
+    assert estimate(tasks) == pytest.approx(0.5 / 4)
+
+
+def test_lower_confidence_gives_a_tighter_bound_never_above_the_certain_one():
+    tasks = [TaskSeen(200, 0.6, 1000), TaskSeen(200, 0.7, 1000)]
+    b95, b50 = upper_bound(tasks, 0.95, 3), upper_bound(tasks, 0.5, 3)
+    assert estimate(tasks) < b50 < b95 < certain_upper(tasks)
+    assert rejects(tasks, 0.8, 0.95, 3) and not rejects(tasks, 0.8, 1.0, 3)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.lists(
+        st.tuples(
+            st.lists(st.integers(0, 1), min_size=2, max_size=40),
+            st.floats(0.1, 0.95),
+            st.floats(0.1, 5.0),
+        ),
+        min_size=1,
+        max_size=3,
+    ),
+    st.floats(0.0, 1.0),
+)
+def test_certainty_never_rejects_what_the_full_dev_set_accepts(tasks, must_beat):
+    w = sum(wt for _, _, wt in tasks)
+    full = sum(wt * sum(x) / len(x) for x, _, wt in tasks) / w
+    seen = []
+    for x, frac, wt in tasks:
+        m = max(1, min(len(x) - 1, int(frac * len(x))))
+        seen.append(TaskSeen(m, sum(x[:m]) / m, len(x), wt))
+    assert certain_upper(seen) >= full - 1e-12
+    if full > must_beat:  # the full dev set would accept it
+        assert not rejects(seen, must_beat, 1.0, 3)
+
+
+def test_evolver_settings_name_the_racing_field():
+    with pytest.raises(ValueError, match=r"evolver\.racing_confidence"):
+        EvolverSettings(racing_confidence=0.0)
+    with pytest.raises(ValueError, match=r"evolver\.racing_first"):
+        EvolverSettings(racing_first=1.5)
+
+
+def test_evolver_asks_racing_only_when_on():
+    from evoray.strategies.base import Problem
+
+    def builds(**kw):
+        ev = Evolver(EvolverSettings(generations=1, **kw), Problem(n_members=3, has_base=False))
+        ev.state.fitness = [0.1, 0.2, 0.3]
+        return next(ev.generation()).evaluate
+
+    assert all(isinstance(b, Offspring) and b.race is None for b in builds())
+    raced = builds(racing=True, racing_confidence=0.9, racing_first=0.5)
+    assert [b.race for b in raced] == [
+        Race([0.1, 0.2, 0.3][b.recipe.target], 0.9, 0.5) for b in raced
+    ]
+
+
+def test_config_types_and_tasks_checked(tmp_path: Path):
+    base = {"models": {"zoo": {}}}
+    with pytest.raises(ConfigError, match=r"evolver\.racing_confidence"):
+        RunConfig.from_dict({**base, "evolver": {"racing_confidence": "high"}}, cwd=tmp_path)
+    with pytest.raises(ConfigError, match=r"evolver\.racing"):
+        RunConfig.from_dict({**base, "evolver": {"racing": "yes"}}, cwd=tmp_path)
+    data = tmp_path / "lm.jsonl"
+    data.write_text('{"text": "hello there"}\n{"text": "a b c"}\n')
+    tasks = [{"name": "lm", "kind": "text", "data": {"dev": str(data)}}]
+    with pytest.raises(ConfigError, match=r"evolver\.racing.*task 'lm' metric 'loglik'"):
+        RunConfig.from_dict({**base, "tasks": tasks, "evolver": {"racing": True}}, cwd=tmp_path)
+    RunConfig.from_dict({**base, "tasks": tasks}, cwd=tmp_path)  # racing off: fine
+
+
+# -- a worker racing a tiny classifier ---------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TwoTasks(TaskPool):
+    """Two 3-label tasks of different sizes and weights over the fixture texts."""
+
+    kind: ClassVar[str] = "test_two"
+
+    def names(self) -> list[str]:
+        return ["a", "b"]
+
+    def weight(self, task: str) -> float:
+        return 1.0 if task == "a" else 2.0
+
+    def encode(self, tokenizer: Any, split: str) -> dict[str, EncodedSplit]:
+        out = {}
+        for name, reps, shift in (("a", 6, 0), ("b", 4, 1)):
+            texts = (TEXTS * reps)[: len(TEXTS) * reps]
+            enc = tokenizer(texts, padding=True, return_tensors="pt")
+            labels = (torch.arange(len(texts)) * 7 + shift) % 3
+            out[name] = EncodedSplit(enc["input_ids"], enc["attention_mask"], labels)
+        return out
+
+
+def test_encoded_split_subset():
+    s = EncodedSplit(torch.arange(10).view(5, 2), torch.ones(5, 2), torch.arange(5))
+    sub = s.subset(1, 3)
+    assert len(sub) == 2 and sub.labels.tolist() == [1, 2]
+
+
+def test_worker_racing_at_certainty_accepts_exactly_what_full_dev_accepts(tmp_path: Path):
+    members = [str(make_model(tmp_path / f"m{i}", "bert", seed=0, noise=0.3 * i)) for i in range(4)]
+    pool = ModelPool(tuple(members))
+    layout = pool.layout()
+    worker = OffspringWorker(WorkerSpec(members[0], layout, TwoTasks()))
+    flats = []
+    for m in members:
+        with open_checkpoint(m) as c:
+            flats.append(flatten(c, layout).data)
+    worker.set_population(*flats)
+    parent = [worker.evaluate_vector(f)["fitness"] for f in flats]
+    n = sum(len(d) for d in worker.dev.values())
+    recipes = [
+        Recipe(target=i % 4, refs=((i + 1 + i // 4) % 4,), F=0.9, CR=0.7, seed=i) for i in range(12)
+    ]
+    stopped = 0
+    for r in recipes:
+        full = worker.evaluate_recipe(r.to_dict())
+        assert full["examples"] == n and not full["racing_stopped"]
+        for confidence in (1.0, 0.6):
+            race = Race(parent[r.target], confidence, 0.25)
+            raced = worker.evaluate_recipe({**r.to_dict(), "race": race.to_dict()})
+            if raced["racing_stopped"]:
+                stopped += 1
+                assert raced["examples"] < n
+                assert raced["fitness"] < parent[r.target]  # never accepted
+                if confidence == 1.0:
+                    assert not full["fitness"] > parent[r.target]
+            else:  # a survivor is scored on the full dev set, as without racing
+                assert raced["fitness"] == full["fitness"]
+                assert raced["scores"] == full["scores"]
+                assert raced["examples"] > n
+    assert stopped  # the case is exercised
+    # must-beat values above any offspring: certainty rejects them all early
+    race = Race(2.0, 1.0, 0.25)
+    assert worker.evaluate_recipe({**recipes[0].to_dict(), "race": race.to_dict()})[
+        "racing_stopped"
+    ]
+
+
+def test_logs_from_before_racing_read_with_null_columns(tmp_path: Path):
+    import datetime as dt
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from evoray.runlog import SCHEMA, read_log
+
+    old = pa.schema([f for f in SCHEMA if f.name not in ("dev_examples", "racing_stopped")])
+    (tmp_path / "log").mkdir()
+    row = dict(
+        run_id="r", strategy="evolver", generation=0, individual=0, parents=[0], operator="x",
+        settings=[], seed=1, fitness=0.5, accepted=True, kinship_to_parent=None,
+        wall_time_s=1.0, eval_time_s=1.0, node="n", device="cpu",
+        timestamp=dt.datetime.now(dt.timezone.utc), scores=[("a", 1.0)],
+    )  # fmt: skip
+    pq.write_table(pa.Table.from_pylist([row], schema=old), tmp_path / "log/gen-000000.parquet")
+    df = read_log(tmp_path)
+    assert df["racing_stopped"].tolist() == [None] and df["dev_examples"].isna().all()
