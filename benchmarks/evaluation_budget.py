@@ -1,0 +1,143 @@
+"""Racing's evaluation budget: dev examples scored, and final fitness, with and without racing.
+
+    python benchmarks/evaluation_budget.py [--generations 6] [--confidence 0.95] [--first 0.25]
+    python benchmarks/evaluation_budget.py --quick
+
+On the classifier zoo (built once, cached under $EVORAY_HOME), runs Evolver in individual mode
+in one process (one ``OffspringWorker``, no Ray) with the same seeds twice: scoring every
+offspring on the full dev set, and racing it. Prints both runs' dev examples scored, final dev
+and test fitness side by side, then one JSON line. The initial population's scoring (the same
+in both runs) is counted in both.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import numpy as np
+import torch
+from transformers.utils import logging as hf_logging
+
+from evoray.execution.worker import OffspringWorker, WorkerSpec
+from evoray.models.zoo import build_zoo
+from evoray.strategies.base import Answers, Member, Offspring, Problem, Score, drive
+from evoray.strategies.evolver import Evolver, EvolverSettings
+from evoray.tasks.pool import ZooTasks
+from evoray.weights.checkpoint import open_checkpoint
+from evoray.weights.flat import flatten
+from evoray.weights.layout import Layout
+
+
+def run(worker: OffspringWorker, flats: list[np.ndarray], settings: EvolverSettings) -> dict:
+    pop = [f.copy() for f in flats]
+    examples = stopped = 0
+
+    def execute(batch) -> Answers:
+        nonlocal examples, stopped
+        scores = []
+        worker.set_population(*pop)
+        for b in batch.evaluate:
+            if isinstance(b, Member):
+                r = worker.evaluate_vector(pop[b.slot])
+                r["examples"] = sum(len(d) for d in worker.dev.values())
+            elif isinstance(b, Offspring):
+                d = b.recipe.to_dict()
+                r = worker.evaluate_recipe(d if b.race is None else {**d, "race": b.race.to_dict()})
+            else:
+                raise TypeError(f"not benchmarked: {b!r}")
+            examples += r["examples"]
+            stopped += bool(r.get("racing_stopped"))
+            scores.append(Score(r["fitness"], r["scores"], examples=r["examples"]))
+        for k in batch.keep:
+            pop[k.slot] = worker.build(k.build.recipe.to_dict(), *pop)
+        return Answers(scores=scores)
+
+    ev = Evolver(settings, Problem(len(flats), has_base=False))
+    t0 = time.perf_counter()
+    drive(ev.setup(), execute)
+    while not ev.done:
+        drive(ev.generation(), execute)
+    best = ev.state.best_individual
+    test = worker.evaluate_vector(pop[best], split="test")["fitness"]
+    return {
+        "dev_examples": examples,
+        "racing_stopped": stopped,
+        "dev_fitness": ev.best_fitness,
+        "test_fitness": test,
+        "wall_s": time.perf_counter() - t0,
+    }
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--generations", type=int, default=6)
+    p.add_argument("--confidence", type=float, default=0.95)
+    p.add_argument("--first", type=float, default=0.25)
+    p.add_argument("--seeds", type=int, default=2)
+    p.add_argument("--quick", action="store_true", help="one seed, two generations")
+    args = p.parse_args()
+    if args.quick:
+        args.generations, args.seeds = 2, 1
+    hf_logging.set_verbosity_error()
+    torch.set_num_threads(2)
+    zoo = build_zoo()
+    members = [str(m) for m in zoo.experts.values()]
+    with open_checkpoint(members[0]) as c:
+        layout = Layout.from_checkpoint(c)
+    flats = []
+    for m in members:
+        with open_checkpoint(m) as c:
+            flats.append(flatten(c, layout).data)
+    tasks = ZooTasks(seed=zoo.spec.seed, n_domains=zoo.spec.n_domains, n_ood=zoo.spec.n_ood)
+    worker = OffspringWorker(WorkerSpec(members[0], layout, tasks))
+    rows = []
+    for seed in range(args.seeds):
+        base = EvolverSettings(generations=args.generations, seed=seed)
+        full = run(worker, flats, base)
+        raced = run(
+            worker,
+            flats,
+            EvolverSettings(
+                generations=args.generations,
+                seed=seed,
+                racing=True,
+                racing_confidence=args.confidence,
+                racing_first=args.first,
+            ),
+        )
+        rows.append((seed, full, raced))
+        print(
+            f"seed {seed}: dev examples {full['dev_examples']} -> {raced['dev_examples']} "
+            f"({full['dev_examples'] / raced['dev_examples']:.2f}x fewer), racing stopped "
+            f"{raced['racing_stopped']}; dev fitness {full['dev_fitness']:.4f} vs "
+            f"{raced['dev_fitness']:.4f}; test {full['test_fitness']:.4f} vs "
+            f"{raced['test_fitness']:.4f}; wall {full['wall_s']:.0f}s vs {raced['wall_s']:.0f}s"
+        )
+    n_full = sum(f["dev_examples"] for _, f, _ in rows)
+    n_raced = sum(r["dev_examples"] for _, _, r in rows)
+    print(
+        json.dumps(
+            {
+                "generations": args.generations,
+                "confidence": args.confidence,
+                "first": args.first,
+                "seeds": args.seeds,
+                "examples_ratio": round(n_full / n_raced, 3),
+                "max_dev_fitness_gap": round(
+                    max(abs(f["dev_fitness"] - r["dev_fitness"]) for _, f, r in rows), 4
+                ),
+                "max_test_fitness_gap": round(
+                    max(abs(f["test_fitness"] - r["test_fitness"]) for _, f, r in rows), 4
+                ),
+                "wall_ratio": round(
+                    sum(f["wall_s"] for _, f, _ in rows) / sum(r["wall_s"] for _, _, r in rows), 3
+                ),
+            }
+        )
+    )
+
+
+if __name__ == "__main__":
+    main()
