@@ -162,3 +162,38 @@ def test_greedy_rank_ties_and_round_trip():
         from evoray.strategies.greedy import GreedySettings
 
         GreedySettings(operator="dare")
+
+
+def _reference_mask(seed: int, index: int, CR: float) -> bool:
+    """The documented mask in plain Python integers (no torch, no numpy): what every device's
+    int32 tensor code must reproduce bit for bit."""
+    m64 = (1 << 64) - 1
+
+    def splitmix(x: int) -> int:
+        z = (x + 0x9E3779B97F4A7C15) & m64
+        z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & m64
+        z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & m64
+        return z ^ (z >> 31)
+
+    def mix(h: int) -> int:
+        h ^= h >> 16
+        h = (h * 0x7FEB352D) & 0xFFFFFFFF
+        h ^= h >> 15
+        h = (h * 0x846CA68B) & 0xFFFFFFFF
+        return h ^ (h >> 16)
+
+    block, j = divmod(index, BLOCK)
+    z = splitmix(splitmix(seed) ^ block)
+    if splitmix(z) % BLOCK == j:
+        return True
+    h = mix(mix(j ^ (z & 0xFFFFFFFF)) ^ (z >> 32))
+    return h < round(CR * 2**32)
+
+
+@pytest.mark.parametrize("CR", [0.0, 0.3, 0.9])
+def test_crossover_mask_matches_its_integer_definition(CR):
+    seed, start = 2**62 + 12345, 5 * BLOCK - 300
+    mask = crossover_mask(seed, start, start + 600, CR).tolist()
+    forced = [i for i in range(start, start + 600) if _reference_mask(seed, i, 0.0)]
+    assert mask == [_reference_mask(seed, i, CR) for i in range(start, start + 600)]
+    assert len(forced) <= 2 and all(mask[i - start] for i in forced)

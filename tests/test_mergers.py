@@ -309,3 +309,52 @@ def test_zoo_experts_merge_load_and_score(small_zoo, tmp_path: Path) -> None:
     # A data-aware merge of one model is that model.
     for merger in (FisherMerger(layout, fishers[:1]), RegMeanMerger(layout, grams[:1])):
         assert torch.allclose(merger.merge(pop[:1]), pop[0].float(), atol=1e-5, rtol=1e-4)
+
+
+# -- range by range, compact, shared ---------------------------------------------------------
+
+
+def test_ranges_cover_whole_tensors_and_range_updates_equal_the_whole() -> None:
+    """Workers apply A_i range by range (a few tensors at a time on their device): the sum
+    over ranges equals the whole-vector update, and no range cuts a tensor."""
+    gen = torch.Generator().manual_seed(11)
+    starts = {s.offset for s in LAYOUT.slots} | {LAYOUT.numel}
+    for merger in _mergers(gen):
+        t = torch.randn(LAYOUT.numel, generator=gen)
+        whole = torch.zeros(LAYOUT.numel)
+        merger.apply_delta(whole, 2, t)
+        for chunk in (1, 7, 1 << 20):
+            ranges = merger.ranges(chunk)
+            assert ranges[0][0] == 0 and ranges[-1][1] == LAYOUT.numel
+            assert all(a[1] == b[0] for a, b in zip(ranges, ranges[1:], strict=False))
+            if merger.name == "regmean":
+                assert all(lo in starts and hi in starts for lo, hi in ranges)
+            out = torch.zeros(LAYOUT.numel)
+            for lo, hi in ranges:
+                merger.add_range(out[lo:hi], 2, t[lo:hi], lo, hi)
+            assert torch.allclose(out, whole, atol=1e-6), (merger.name, chunk)
+
+
+def test_fisher_coefficients_are_float16_for_16_bit_models_and_still_sum_to_one() -> None:
+    gen = torch.Generator().manual_seed(12)
+    bf16 = Layout.from_infos(
+        [_Info(s.name, s.shape, torch.bfloat16) for s in LAYOUT.slots], source="bf16"
+    )
+    assert FisherMerger(LAYOUT, _fishers(LAYOUT, N, gen)).coef.dtype == np.float32
+    m = FisherMerger(bf16, _fishers(bf16, N, gen))
+    assert m.coef.dtype == np.float16 and m.coef.nbytes == N * bf16.numel * 2
+    theta = torch.randn(bf16.numel, generator=gen).to(torch.bfloat16)
+    merged = m.merge([theta] * N)  # identical models merge to themselves, to float16 rounding
+    assert torch.allclose(merged, theta.float(), rtol=2e-3, atol=1e-6)
+
+
+def test_merger_coefficients_are_shared_zero_copy_through_the_object_store(ray_local) -> None:
+    """The merger goes to the object store once; every worker of a node maps its arrays
+    read-only instead of unpickling a private copy (torch tensors would be copied)."""
+    import ray
+
+    gen = torch.Generator().manual_seed(13)
+    for merger in _mergers(gen)[1:3]:
+        got = ray.get(ray.put(merger))
+        arrays = [got.coef] if merger.name == "fisher" else [a for _, a in got.linear]
+        assert arrays and all(not a.flags.writeable for a in arrays), merger.name

@@ -19,15 +19,15 @@ import numpy as np
 import torch
 
 from evoray.execution.racing import race_scores
-from evoray.kinship.metrics import kinship_flat
+from evoray.kinship.metrics import KinshipSums, kinship_flat
 from evoray.models.pool import check_model_for_tasks, load_model
-from evoray.strategies.de import Recipe, build_offspring
+from evoray.strategies.de import Recipe, build_offspring, build_range, default_chunk
 from evoray.strategies.racing import Race
 from evoray.tasks.evaluation import EncodedSplit
 from evoray.tasks.pool import TaskPool, ZooTasks
 from evoray.weights.flat import FlatWeights, from_numpy, to_numpy
 from evoray.weights.layout import Layout
-from evoray.weights.placement import Segment, read_flat, single_segment, write_flat
+from evoray.weights.placement import Segment, pieces, read_flat, single_segment, write_flat
 
 
 @dataclass(frozen=True)
@@ -139,11 +139,14 @@ class OffspringWorker:
             allow_pickle=spec.allow_pickle,
             trust_remote_code=spec.trust_remote_code,
         )
-        # One segment on this worker's device (several when a worker spans GPUs).
+        # One segment on this worker's device (several when a worker spans GPUs). Tensors are
+        # bound (copied into the segment and dropped from host memory) one by one before the
+        # model moves, so the device never holds the model twice; only what is outside the
+        # weight space (rotary tables, position ids) moves with ``.to``.
         self.segments = single_segment(layout.numel, layout.storage_dtype, self.device)
         self.buffer = self.segments[0].buffer
+        bind_parameters(model, self.segments, layout)
         self.model = model.to(self.device).eval()
-        bind_parameters(self.model, self.segments, layout)
         self._tokenizer = tok
         self.dev = self._split("dev")
         self.population: list[torch.Tensor] = []
@@ -190,19 +193,13 @@ class OffspringWorker:
         recipe = Recipe.from_dict(recipe) if isinstance(recipe, dict) else recipe
         t0 = time.perf_counter()
         if merged:
-            if self.merged is None or self.merger is None:
-                raise RuntimeError("merger mode needs the merged model and merger in the context")
-            u = build_offspring(recipe, self.population)
-            diff = u.float() - self.population[recipe.target].float()
-            trial = self.merged.to(torch.float32, copy=True)  # merged stays the reference
-            self.merger.apply_delta(trial, recipe.target, diff)
-            self.buffer.copy_(trial)
+            kin = self._build_in_merge(recipe)
         else:
             u = build_offspring(recipe, self.population, self.buffer)
-        kin = None
-        if self.base is not None:
-            parent = self.population[recipe.target]
-            kin = kinship_flat(u, parent, self.base).pearson
+            kin = None
+            if self.base is not None:
+                parent = self.population[recipe.target]
+                kin = kinship_flat(u, parent, self.base).pearson
         t1 = time.perf_counter()
         raced = race_scores(self, race) if race is not None else self.full_scores()
         t2 = time.perf_counter()
@@ -216,6 +213,28 @@ class OffspringWorker:
             "device": str(self.device),
             "pid": self.pid,
         }
+
+    def _build_in_merge(self, recipe: Recipe) -> float | None:
+        """Write ``merged + A_t (u - theta_t)`` into the model range by range, on this
+        worker's device: the offspring ``u`` never exists whole, the merged vector stays the
+        shared reference, scratch is a few ranges. Returns the offspring's kinship to its
+        parent (Pearson of deltas from the base) when there is a base."""
+        if self.merged is None or self.merger is None:
+            raise RuntimeError("merger mode needs the merged model and merger in the context")
+        pop, t, dev = self.population, recipe.target, self.device
+        sums = KinshipSums() if self.base is not None else None
+        for start, stop in self.merger.ranges(default_chunk(dev)):
+            u = build_range(recipe, pop, start, stop, dev)
+            parent = pop[t][start:stop].to(dev).float()
+            if sums is not None:
+                b = self.base[start:stop].to(dev).float()
+                sums.update(u - b, parent - b)
+            u.sub_(parent)
+            trial = self.merged[start:stop].to(dev, torch.float32, copy=True)
+            self.merger.add_range(trial, t, u, start, stop)
+            for lo, hi, view in pieces(self.segments, start, stop):
+                view.copy_(trial[lo - start : hi - start])
+        return None if sums is None else sums.pearson
 
     def evaluate_batch(
         self, recipes: list[dict], merged: bool, context: dict[str, Any], *population: np.ndarray
@@ -285,7 +304,8 @@ class OffspringWorker:
         )
 
     def build(self, recipe: dict, *population: np.ndarray) -> np.ndarray:
-        """An accepted offspring, rebuilt from the population it was bred from."""
+        """An accepted offspring, rebuilt from the population it was bred from (on the host:
+        it goes to the object store)."""
         pop = [from_numpy(a) for a in population]
         return to_numpy(build_offspring(Recipe.from_dict(recipe), pop))
 
@@ -296,13 +316,17 @@ class OffspringWorker:
     def update_merged(
         self, merger: Any, merged: np.ndarray, recipes: list[dict], *population: np.ndarray
     ) -> np.ndarray:
-        """``merged + sum_i A_i (u_i - theta_i)`` over accepted recipes (linear per individual)."""
+        """``merged + sum_i A_i (u_i - theta_i)`` over accepted recipes (linear per individual),
+        range by range: only the result is model-sized."""
         pop = [from_numpy(a) for a in population]
         out = from_numpy(merged).to(torch.float32, copy=True)
-        for d in recipes:
-            r = Recipe.from_dict(d)
-            u = build_offspring(r, pop)
-            merger.apply_delta(out, r.target, u.float() - pop[r.target].float())
+        cpu = torch.device("cpu")
+        for start, stop in merger.ranges(default_chunk(cpu)):
+            for d in recipes:
+                r = Recipe.from_dict(d)
+                u = build_range(r, pop, start, stop, cpu)
+                u.sub_(pop[r.target][start:stop].float())
+                merger.add_range(out[start:stop], r.target, u, start, stop)
         return out.numpy()
 
     # -- merges of flat vectors (kinship-guided greedy merging, recipe search) -----------------

@@ -6,11 +6,19 @@ here are linear in each individual: ``merge(pop) = sum_i A_i theta_i`` with ``A_
 the per-model statistics (``evoray.population.statistics``), which stay those of the original models
 during the search. So replacing individual ``i`` by ``u`` moves the merge by
 ``A_i (u - theta_i)``, which ``apply_delta`` adds in place without re-merging the population.
-The ``A_i`` are precomputed once, in float32: an elementwise vector per individual for Fisher
-merging, an ``in x in`` matrix per individual and linear weight for RegMean.
+The ``A_i`` are precomputed once and stored as numpy arrays, so the merger object is shared
+zero-copy by the workers of a node through Ray's object store (torch tensors would be copied
+into every worker): an elementwise vector per individual for Fisher merging (float16 when the
+models are stored in 16 bits: coefficients lie in [0, 1] and float16 rounds them far below a
+bf16 weight's own rounding; float32 otherwise), an ``in x in`` float32 matrix per individual
+and linear weight for RegMean.
+
+Everything is applied range by range (``ranges``: runs of whole tensors of about ``chunk``
+elements), so a worker moves only one range of coefficients to its device at a time and its
+scratch stays of the order of the largest tensor.
 
 Vectors are 1-D torch tensors over one ``Layout`` (e.g. ``FlatWeights.as_tensor()``), in any
-floating dtype; merges are float32.
+floating dtype and on any device; merges are float32.
 """
 
 from __future__ import annotations
@@ -19,10 +27,12 @@ import logging
 from collections.abc import Mapping, Sequence
 from typing import Any, Protocol, runtime_checkable
 
+import numpy as np
 import torch
 from torch import Tensor
 
 from evoray.errors import ConfigError
+from evoray.weights.flat import from_numpy
 from evoray.weights.layout import Layout, Slot
 
 log = logging.getLogger(__name__)
@@ -45,6 +55,15 @@ class Merger(Protocol):
 
     def apply_delta(self, merged: Tensor, i: int, diff: Tensor) -> None:
         """``merged += A_i @ diff`` in place, where ``diff = u - theta_i`` (flat)."""
+        ...
+
+    def ranges(self, chunk: int) -> list[tuple[int, int]]:
+        """Element ranges ``add_range`` accepts: whole tensors, about ``chunk`` at a time."""
+        ...
+
+    def add_range(self, out: Tensor, i: int, t: Tensor, start: int, stop: int) -> None:
+        """``out += (A_i t)[start:stop]`` where ``out`` and ``t`` hold elements
+        ``[start, stop)`` (float32, one device) and the range is one of ``ranges``."""
         ...
 
 
@@ -91,22 +110,50 @@ class _LinearMerger:
             )
         self._check_vector(diff, "the difference u - theta_i")
 
+    def ranges(self, chunk: int = 1 << 24) -> list[tuple[int, int]]:
+        return tensor_ranges(self.layout, chunk)
+
+    def add_range(self, out: Tensor, i: int, t: Tensor, start: int, stop: int) -> None:
+        raise NotImplementedError
+
+    def merge(self, population: Sequence[Tensor]) -> Tensor:
+        device = self._check_population(population)
+        out = torch.zeros(self.layout.numel, dtype=torch.float32, device=device)
+        for start, stop in self.ranges():
+            for i, t in enumerate(population):
+                self.add_range(out[start:stop], i, t[start:stop].float(), start, stop)
+        return out
+
+    def apply_delta(self, merged: Tensor, i: int, diff: Tensor) -> None:
+        self._check_delta(merged, i, diff)
+        for start, stop in self.ranges():
+            self.add_range(merged[start:stop], i, diff[start:stop].float(), start, stop)
+
+
+def tensor_ranges(layout: Layout, chunk: int) -> list[tuple[int, int]]:
+    """The layout cut at tensor boundaries into runs of about ``chunk`` elements (a tensor
+    larger than ``chunk`` is a run of its own)."""
+    out: list[tuple[int, int]] = []
+    for s in layout.slots:
+        lo, hi = s.offset, s.offset + s.numel
+        if out and out[-1][1] == lo and hi - out[-1][0] <= chunk:
+            out[-1] = (out[-1][0], hi)
+        else:
+            out.append((lo, hi))
+    return out
+
 
 class AverageMerger(_LinearMerger):
     """Simple averaging: ``A_i = 1/N``."""
 
     name = "average"
 
-    def merge(self, population: Sequence[Tensor]) -> Tensor:
-        device = self._check_population(population)
-        out = torch.zeros(self.layout.numel, dtype=torch.float32, device=device)
-        for t in population:
-            out.add_(t, alpha=1.0 / self.n)
-        return out
+    def ranges(self, chunk: int = 1 << 24) -> list[tuple[int, int]]:
+        n = self.layout.numel  # elementwise: any cut will do
+        return [(s, min(n, s + chunk)) for s in range(0, n, chunk)]
 
-    def apply_delta(self, merged: Tensor, i: int, diff: Tensor) -> None:
-        self._check_delta(merged, i, diff)
-        merged.add_(diff, alpha=1.0 / self.n)
+    def add_range(self, out: Tensor, i: int, t: Tensor, start: int, stop: int) -> None:
+        out.add_(t, alpha=1.0 / self.n)
 
     def to(self, device: torch.device | str) -> AverageMerger:
         return self
@@ -142,7 +189,8 @@ class FisherMerger(_LinearMerger):
         if not smoothing >= 0:
             raise ConfigError(f"Fisher smoothing must be >= 0, got {smoothing}")
         self.smoothing = smoothing
-        self.coef = torch.empty(self.n, layout.numel, dtype=torch.float32)
+        half = layout.storage_dtype.itemsize <= 2
+        self.coef = np.empty((self.n, layout.numel), dtype=np.float16 if half else np.float32)
         for slot in layout.slots:
             cols = []
             for i, f in enumerate(fishers):
@@ -162,22 +210,18 @@ class FisherMerger(_LinearMerger):
             w = torch.stack(cols).add_(smoothing)
             total = w.sum(0)
             coef = torch.where(total > 0, w / total, torch.full_like(w, 1.0 / self.n))
-            self.coef[:, slot.offset : slot.offset + slot.numel] = coef
+            self.coef[:, slot.offset : slot.offset + slot.numel] = coef.numpy()
 
-    def merge(self, population: Sequence[Tensor]) -> Tensor:
-        device = self._check_population(population)
-        out = torch.zeros(self.layout.numel, dtype=torch.float32, device=device)
-        for c, t in zip(self.coef, population, strict=True):
-            out.addcmul_(c, t)
-        return out
+    def ranges(self, chunk: int = 1 << 24) -> list[tuple[int, int]]:
+        n = self.layout.numel  # elementwise: any cut will do
+        return [(s, min(n, s + chunk)) for s in range(0, n, chunk)]
 
-    def apply_delta(self, merged: Tensor, i: int, diff: Tensor) -> None:
-        self._check_delta(merged, i, diff)
-        merged.addcmul_(self.coef[i], diff)
+    def add_range(self, out: Tensor, i: int, t: Tensor, start: int, stop: int) -> None:
+        c = from_numpy(self.coef[i, start:stop]).to(out.device).to(torch.float32)
+        out.addcmul_(c, t)
 
     def to(self, device: torch.device | str) -> FisherMerger:
-        self.coef = self.coef.to(device)
-        return self
+        return self  # coefficients move range by range
 
 
 class RegMeanMerger(_LinearMerger):
@@ -211,9 +255,9 @@ class RegMeanMerger(_LinearMerger):
             raise ConfigError(f"RegMean ridge must be >= 0, got {ridge}")
         self.alpha = alpha
         self.ridge = ridge
-        self.linear: list[tuple[Slot, Tensor]] = []  # (slot, A of shape (N, in, in))
+        self.linear: list[tuple[Slot, np.ndarray]] = []  # (slot, A of shape (N, in, in))
         # Weights stored (in, out) (GPT-2's Conv1D; Grams keyed name + TRANSPOSED_GRAM).
-        self.transposed: list[tuple[Slot, Tensor]] = []
+        self.transposed: list[tuple[Slot, np.ndarray]] = []
         averaged: list[Slot] = []
         names = set(layout.names) | {n + TRANSPOSED_GRAM for n in layout.names}
         unknown = {k for g in grams for k in g if k not in names}
@@ -246,8 +290,13 @@ class RegMeanMerger(_LinearMerger):
         if unknown:
             log.info("RegMean ignores Grams of %d tensors not in the layout", len(unknown))
         self._avg_runs = _runs(averaged)
+        self._coef_at = {s.offset: (a, False) for s, a in self.linear} | {
+            s.offset: (a, True) for s, a in self.transposed
+        }
 
-    def _coefficients(self, slot: Slot, grams: list[Tensor], in_dim: int = 1) -> Tensor | None:
+    def _coefficients(
+        self, slot: Slot, grams: list[Tensor], in_dim: int = 1
+    ) -> np.ndarray | None:
         if len(slot.shape) != 2:
             raise ConfigError(
                 f"tensor {slot.name!r} has shape {list(slot.shape)}; RegMean Grams belong to "
@@ -286,36 +335,31 @@ class RegMeanMerger(_LinearMerger):
         if not bool(torch.isfinite(a).all()):
             log.warning("RegMean: solving for %r gave non-finite values; averaging it", slot.name)
             return None
-        return a.to(torch.float32).contiguous()
+        return a.to(torch.float32).contiguous().numpy()
 
-    def merge(self, population: Sequence[Tensor]) -> Tensor:
-        device = self._check_population(population)
-        out = torch.zeros(self.layout.numel, dtype=torch.float32, device=device)
-        for i, t in enumerate(population):
-            self._add(out, i, t)
-        return out
-
-    def apply_delta(self, merged: Tensor, i: int, diff: Tensor) -> None:
-        self._check_delta(merged, i, diff)
-        self._add(merged, i, diff)
-
-    def _add(self, out: Tensor, i: int, t: Tensor) -> None:
-        """``out += A_i t``: scaled copy on averaged runs, one matmul per linear weight."""
-        for start, stop in self._avg_runs:
-            out[start:stop].add_(t[start:stop], alpha=1.0 / self.n)
-        for slot, a in self.linear:
-            sl = slice(slot.offset, slot.offset + slot.numel)
-            w = t[sl].view(slot.shape).to(torch.float32)
-            out[sl].view(slot.shape).addmm_(w, a[i])
-        for slot, a in self.transposed:  # W stored (in, out): A_i^T W = S^-1 G~_i W
-            sl = slice(slot.offset, slot.offset + slot.numel)
-            w = t[sl].view(slot.shape).to(torch.float32)
-            out[sl].view(slot.shape).addmm_(a[i].T, w)
+    def add_range(self, out: Tensor, i: int, t: Tensor, start: int, stop: int) -> None:
+        """``out += A_i t`` on whole tensors: a scaled copy on averaged ones, one matmul per
+        linear weight (its ``A_i`` moved to the device for that matmul only)."""
+        for lo, hi in self._avg_runs:
+            lo, hi = max(lo, start), min(hi, stop)
+            if lo < hi:
+                out[lo - start : hi - start].add_(t[lo - start : hi - start], alpha=1.0 / self.n)
+        for slot in self.layout.slots:
+            if not start <= slot.offset < stop or slot.offset not in self._coef_at:
+                continue
+            if slot.offset + slot.numel > stop:
+                raise ValueError(f"range [{start}, {stop}) cuts tensor {slot.name}")
+            a, transposed = self._coef_at[slot.offset]
+            ai = from_numpy(a[i]).to(out.device)
+            sl = slice(slot.offset - start, slot.offset - start + slot.numel)
+            w = t[sl].view(slot.shape)
+            if transposed:  # W stored (in, out): A_i^T W = S^-1 G~_i W
+                out[sl].view(slot.shape).addmm_(ai.T, w)
+            else:
+                out[sl].view(slot.shape).addmm_(w, ai)
 
     def to(self, device: torch.device | str) -> RegMeanMerger:
-        self.linear = [(s, a.to(device)) for s, a in self.linear]
-        self.transposed = [(s, a.to(device)) for s, a in self.transposed]
-        return self
+        return self  # coefficients move tensor by tensor
 
 
 def _runs(slots: list[Slot]) -> list[tuple[int, int]]:

@@ -2,9 +2,14 @@
 
 An offspring is fully described by a ``Recipe`` (target, reference individuals, F, CR, seed), so
 the search ships recipes to workers, never weights, and a population can be rebuilt from its
-initial models and the accepted recipes alone. Crossover masks come from the recipe's seed, one
-counter-based stream per fixed-size block, so the offspring is the same whatever chunk size or
-worker builds it, and masks are never stored.
+initial models and the accepted recipes alone.
+
+Crossover masks are never stored: each element's draw is a counter-based hash of (seed, block,
+position in block) computed with 32-bit integer tensor ops, so the mask is generated on the
+worker's own device (CPU or GPU) and is bit-identical on every device, whatever the chunking:
+an offspring built on a GPU equals the one a CPU worker builds from the same recipe. Builds
+run in chunks of elements in float32, so a build needs scratch of a few chunks, never a second
+model.
 
 Mutations (Du et al. 2024, Evolver):
 - ``evolver`` (the reference code): ``v = theta_i + F * (theta_r - theta_i)``
@@ -20,10 +25,12 @@ import random
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
+import numpy as np
 import torch
 
 MUTATIONS = ("evolver", "rand1")
-BLOCK = 1 << 16  # elements per crossover block (one generator seed each)
+BLOCK = 1 << 16  # elements per crossover block (one hash key and one forced element each)
+_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
 
 
 @dataclass(frozen=True)
@@ -63,22 +70,103 @@ def sample_recipes(
     return recipes
 
 
-def crossover_mask(seed: int, start: int, stop: int, CR: float) -> torch.Tensor:
-    """Bernoulli(CR) mask of elements [start, stop), identical however the range is chunked."""
-    parts = []
-    pos = start
-    while pos < stop:
-        block = pos // BLOCK
-        b0, b1 = block * BLOCK, (block + 1) * BLOCK
-        g = torch.Generator().manual_seed((seed * 1_000_003 + block) % (2**63))
-        u = torch.rand(BLOCK, generator=g)
-        forced = torch.randint(BLOCK, (1,), generator=g).item()
-        m = u < CR
-        m[forced] = True
-        end = min(stop, b1)
-        parts.append(m[pos - b0 : end - b0])
-        pos = end
-    return torch.cat(parts) if len(parts) > 1 else parts[0]
+def default_chunk(device: torch.device | str) -> int:
+    """Elements per build step: cache-sized on a CPU, large on a GPU (few kernel launches)."""
+    return 4 * BLOCK if torch.device(device).type == "cpu" else 256 * BLOCK
+
+
+# -- the mask -------------------------------------------------------------------------------------
+
+
+def _splitmix64(x: np.ndarray) -> np.ndarray:
+    """SplitMix64 finaliser on uint64 arrays (numpy wraps on overflow, as the algorithm needs)."""
+    with np.errstate(over="ignore"):
+        z = x + _GOLDEN
+        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        return z ^ (z >> np.uint64(31))
+
+
+def _block_keys(seed: int, b0: int, b1: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per block in ``[b0, b1)``: two 32-bit hash keys (as int32) and the forced element."""
+    base = _splitmix64(np.array([seed % 2**64], dtype=np.uint64))
+    z = _splitmix64(base ^ np.arange(b0, b1, dtype=np.uint64))
+    k1 = (z & np.uint64(0xFFFFFFFF)).astype(np.uint32).view(np.int32)
+    k2 = (z >> np.uint64(32)).astype(np.uint32).view(np.int32)
+    forced = (_splitmix64(z) % np.uint64(BLOCK)).astype(np.int64)
+    return k1, k2, forced
+
+
+def _mix32(h: torch.Tensor, tmp: torch.Tensor) -> None:
+    """lowbias32 (Wellons) in place on int32 tensors: wrapping multiplies, logical shifts."""
+    for shift, mult in ((16, 0x7FEB352D), (15, 0x846CA68B - 2**32), (16, None)):
+        torch.bitwise_right_shift(h, shift, out=tmp)
+        tmp.bitwise_and_((1 << (32 - shift)) - 1)
+        h.bitwise_xor_(tmp)
+        if mult is not None:
+            h.mul_(mult)
+
+
+def crossover_mask(
+    seed: int, start: int, stop: int, CR: float, device: torch.device | str = "cpu"
+) -> torch.Tensor:
+    """Bernoulli(CR) mask of elements [start, stop) on ``device``: the same bits on every
+    device and however the range is chunked."""
+    device = torch.device(device)
+    b0, b1 = start // BLOCK, -(-stop // BLOCK)
+    k1, k2, forced = _block_keys(seed, b0, b1)
+    nb = b1 - b0
+    h = torch.arange(BLOCK, dtype=torch.int32, device=device).expand(nb, BLOCK).clone()
+    h.bitwise_xor_(torch.from_numpy(k1).to(device).view(nb, 1))
+    tmp = torch.empty_like(h)
+    _mix32(h, tmp)
+    h.bitwise_xor_(torch.from_numpy(k2).to(device).view(nb, 1))
+    _mix32(h, tmp)
+    threshold = round(CR * 2**32)  # element taken when its hash, as uint32, is below
+    if threshold >= 2**32:
+        mask = torch.ones(nb * BLOCK, dtype=torch.bool, device=device)
+    else:  # compare as unsigned: flip the sign bit, compare signed
+        h.bitwise_xor_(-(2**31))
+        mask = torch.lt(h, threshold - 2**31).view(-1)
+    pos = torch.from_numpy(forced + np.arange(nb, dtype=np.int64) * BLOCK).to(device)
+    mask[pos] = True
+    lo = start - b0 * BLOCK
+    return mask[lo : lo + stop - start]
+
+
+# -- builds ---------------------------------------------------------------------------------------
+
+
+def _f32(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """``t`` as float32 on ``device``, moved in its stored dtype first (half the bytes for
+    bf16); may be ``t`` itself, so callers never write into the result."""
+    return t.to(device, non_blocking=True).to(torch.float32)
+
+
+def build_range(
+    recipe: Recipe,
+    population: Sequence[torch.Tensor],
+    start: int,
+    stop: int,
+    device: torch.device | str | None = None,
+) -> torch.Tensor:
+    """Elements [start, stop) of the offspring, as a new float32 tensor on ``device``
+    (default: the target's). Population tensors may live on any device (host memory of the
+    object store, typically); only the slices needed are moved."""
+    target = population[recipe.target]
+    device = target.device if device is None else torch.device(device)
+    x = _f32(target[start:stop], device)
+    F = recipe.F
+    if recipe.mutation == "evolver":
+        (r,) = recipe.refs
+        v = _f32(population[r][start:stop], device) - x  # a fresh tensor
+        v.mul_(F).add_(x)
+    else:
+        r1, r2, r3 = recipe.refs
+        v = _f32(population[r2][start:stop], device) - _f32(population[r3][start:stop], device)
+        v.mul_(F).add_(_f32(population[r1][start:stop], device))
+    mask = crossover_mask(recipe.seed, start, stop, recipe.CR, device)
+    return torch.where(mask, v, x, out=v)
 
 
 def build_offspring(
@@ -86,30 +174,18 @@ def build_offspring(
     population: Sequence[torch.Tensor],
     out: torch.Tensor | None = None,
     *,
-    chunk: int = 1 << 22,
+    chunk: int | None = None,
 ) -> torch.Tensor:
-    """The offspring's flat weights, computed in float32 chunks into ``out`` (storage dtype).
+    """The offspring's flat weights, built chunk by chunk in float32 into ``out`` (storage
+    dtype, any device: a GPU worker's model buffer builds on the GPU from host vectors).
 
     ``population`` holds 1-D tensors (zero-copy views of the object store's numpy arrays).
     """
     target = population[recipe.target]
     out = torch.empty_like(target) if out is None else out
     n = target.numel()
-    F = recipe.F
+    chunk = chunk or default_chunk(out.device)
     for start in range(0, n, chunk):
         stop = min(n, start + chunk)
-        x = target[start:stop].float()
-        if recipe.mutation == "evolver":
-            (r,) = recipe.refs
-            v = population[r][start:stop].float() - x  # a fresh float32 tensor
-            v.mul_(F).add_(x)
-        else:
-            r1, r2, r3 = recipe.refs
-            v = population[r2][start:stop].float() - population[r3][start:stop].float()
-            v.mul_(F).add_(population[r1][start:stop])
-        mask = crossover_mask(recipe.seed, start, stop, recipe.CR)
-        if out.dtype == torch.float32 and out.device == x.device:
-            torch.where(mask, v, x, out=out[start:stop])
-        else:
-            out[start:stop] = torch.where(mask, v, x)
+        out[start:stop].copy_(build_range(recipe, population, start, stop, out.device))
     return out
