@@ -3,6 +3,7 @@ on, input validation, and Fisher/RegMean merges of the zoo's experts end to end.
 
 from __future__ import annotations
 
+import itertools
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -326,7 +327,7 @@ def test_ranges_cover_whole_tensors_and_range_updates_equal_the_whole() -> None:
         for chunk in (1, 7, 1 << 20):
             ranges = merger.ranges(chunk)
             assert ranges[0][0] == 0 and ranges[-1][1] == LAYOUT.numel
-            assert all(a[1] == b[0] for a, b in zip(ranges, ranges[1:], strict=False))
+            assert all(a[1] == b[0] for a, b in itertools.pairwise(ranges))
             if merger.name == "regmean":
                 assert all(lo in starts and hi in starts for lo, hi in ranges)
             out = torch.zeros(LAYOUT.numel)
