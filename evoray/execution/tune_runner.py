@@ -234,6 +234,40 @@ def save_vector(
     )
 
 
+def check_memory(config: RunConfig, shared: Shared, *, progress: bool = True) -> None:
+    """Print the run's memory estimate (``evoray.execution.memory``) and warn when it exceeds
+    a node's object store, where Ray would spill the population to disk (slow, not fatal)."""
+    import ray
+
+    from evoray.execution.memory import GIB, MemoryModel
+
+    merger = config.settings.get("merger", "none")
+    ex = config.execution
+    model = MemoryModel.for_run(
+        shared.worker.layout,
+        len(shared.inputs.members),
+        merger=merger if isinstance(merger, str) else "fisher",  # a searched merger: the largest
+        has_base=shared.inputs.base is not None,
+        device="cuda" if ex.gpus_per_worker > 0 else "cpu",
+    )
+    nodes = [n for n in ray.nodes() if n.get("Alive") and n["Resources"].get("CPU", 0) > 0]
+    per_node = -(-ex.num_workers // max(1, len(nodes)))
+    if progress:
+        print(model.summary(per_node), flush=True)
+    smallest = min((n["Resources"].get("object_store_memory", 0.0) for n in nodes), default=0.0)
+    if 0 < smallest < model.store_peak_bytes:
+        log.warning(
+            "%s: the population and merger statistics need %.2f GiB of object store per node "
+            "(%.2f GiB while a generation's keeps are written) but a node has %.2f GiB, so Ray "
+            "will spill to disk; start Ray with a larger --object-store-memory or use fewer "
+            "members",
+            config.source,
+            model.store_bytes / GIB,
+            model.store_peak_bytes / GIB,
+            smallest / GIB,
+        )
+
+
 def run_search(
     config: RunConfig,
     *,
@@ -258,6 +292,7 @@ def run_search(
     )
     # Workers read the members, data and run dir on their own nodes: check them there now.
     check_paths_on_nodes(config_paths(config, shared.inputs.models), source=config.source)
+    check_memory(config, shared, progress=progress)
     # The trial itself only waits on workers: an empty head bundle, so 2 workers fit 2 CPUs.
     bundles = [{}] + [
         {"CPU": ex.cpus_per_worker, **({"GPU": ex.gpus_per_worker} if ex.gpus_per_worker else {})}

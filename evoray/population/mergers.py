@@ -130,13 +130,25 @@ class _LinearMerger:
             self.add_range(merged[start:stop], i, diff[start:stop].float(), start, stop)
 
 
-def tensor_ranges(layout: Layout, chunk: int) -> list[tuple[int, int]]:
-    """The layout cut at tensor boundaries into runs of about ``chunk`` elements (a tensor
-    larger than ``chunk`` is a run of its own)."""
+def tensor_ranges(
+    layout: Layout, chunk: int, whole: set[str] | None = None
+) -> list[tuple[int, int]]:
+    """The layout cut into runs of at most ``chunk`` elements, except that a tensor named in
+    ``whole`` (default: every tensor) is never cut: one larger than ``chunk`` is a run of
+    its own. Other tensors are cut anywhere."""
     out: list[tuple[int, int]] = []
     for s in layout.slots:
         lo, hi = s.offset, s.offset + s.numel
-        if out and out[-1][1] == lo and hi - out[-1][0] <= chunk:
+        if whole is not None and s.name not in whole:
+            while lo < hi:  # elementwise here: fill the open run, then chunk-sized runs
+                if out and out[-1][1] == lo and out[-1][1] - out[-1][0] < chunk:
+                    step = min(hi, out[-1][0] + chunk)
+                    out[-1] = (out[-1][0], step)
+                else:
+                    step = min(hi, lo + chunk)
+                    out.append((lo, step))
+                lo = step
+        elif out and out[-1][1] == lo and hi - out[-1][0] <= chunk:
             out[-1] = (out[-1][0], hi)
         else:
             out.append((lo, hi))
@@ -294,9 +306,7 @@ class RegMeanMerger(_LinearMerger):
             s.offset: (a, True) for s, a in self.transposed
         }
 
-    def _coefficients(
-        self, slot: Slot, grams: list[Tensor], in_dim: int = 1
-    ) -> np.ndarray | None:
+    def _coefficients(self, slot: Slot, grams: list[Tensor], in_dim: int = 1) -> np.ndarray | None:
         if len(slot.shape) != 2:
             raise ConfigError(
                 f"tensor {slot.name!r} has shape {list(slot.shape)}; RegMean Grams belong to "
@@ -336,6 +346,10 @@ class RegMeanMerger(_LinearMerger):
             log.warning("RegMean: solving for %r gave non-finite values; averaging it", slot.name)
             return None
         return a.to(torch.float32).contiguous().numpy()
+
+    def ranges(self, chunk: int = 1 << 24) -> list[tuple[int, int]]:
+        whole = {s.name for s, _ in self.linear} | {s.name for s, _ in self.transposed}
+        return tensor_ranges(self.layout, chunk, whole)
 
     def add_range(self, out: Tensor, i: int, t: Tensor, start: int, stop: int) -> None:
         """``out += A_i t`` on whole tensors: a scaled copy on averaged ones, one matmul per

@@ -72,7 +72,7 @@ def sample_recipes(
 
 def default_chunk(device: torch.device | str) -> int:
     """Elements per build step: cache-sized on a CPU, large on a GPU (few kernel launches)."""
-    return 4 * BLOCK if torch.device(device).type == "cpu" else 256 * BLOCK
+    return 4 * BLOCK if torch.device(device).type == "cpu" else 64 * BLOCK
 
 
 # -- the mask -------------------------------------------------------------------------------------

@@ -1,0 +1,201 @@
+"""The memory model of an Evolver run: what a node's object store and each worker hold.
+
+Written down so the README's formula, the run's own estimate, the tests and
+``benchmarks/scale_memory.py`` all use one set of terms. With ``P`` the model's elements,
+``s`` its stored bytes per element (2 for bf16/fp16, 4 for fp32), ``N`` members and a chunk of
+``C`` elements (``evoray.strategies.de.default_chunk``: 2^18 on a CPU, 2^22 on a GPU):
+
+Per node (Ray's object store, shared zero-copy by that node's workers; no worker copies it):
+    population  N * P * s        the members, in their stored dtype
+    base        P * s            when the run has a base (kinship, task-vector merges)
+    merged      4 * P            merger mode: the merge of the population, float32
+    statistics  Fisher: N * P * c (c = 2 for 16-bit models, else 4); RegMean: 4 * N * sum d^2
+                over linear weights of input width d
+    keeps       up to N * P * s  while a generation's accepted offspring are written, before
+                their parents' vectors are freed (transient)
+
+Per worker (on its device): its model, ``P * s``, plus build scratch of about 32 float32
+values per element of one range (one chunk; for RegMean a linear weight is never cut, so
+``max(C, largest linear weight)``, and one ``d x d`` float32 coefficient matrix), plus the
+evaluation's activations (batch-dependent, not modelled) and the process's runtime (Python,
+torch, transformers: measured, not modelled). A GPU worker also reads the checkpoint into
+host memory once at start, one tensor at a time into the device.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+
+from evoray.weights.layout import Layout
+
+#: float32-sized temporaries per element of a build range (target, reference, mutant, parent,
+#: trial, base, the kinship deltas and their float64 sums, the mask's two int32 hash words, a
+#: bool, allocator slack): measured up to 25 in merger mode with a base on a CPU
+#: (tests/test_memory_model.py), rounded up.
+SCRATCH_FLOATS = 32
+
+GIB = 1024**3
+
+
+@dataclass(frozen=True)
+class MemoryModel:
+    """Bytes of each term of the formula above, for one run."""
+
+    elements: int
+    storage_bytes: int
+    members: int
+    largest_tensor: int  # RegMean: the largest linear weight (never cut into ranges)
+    chunk: int
+    merger: str = "none"  # none | average | fisher | regmean
+    has_base: bool = False
+    regmean_elements: int = 0  # sum over linear weights of d^2 (RegMean only)
+    largest_gram: int = 0  # max d^2 over linear weights (RegMean only)
+
+    @classmethod
+    def for_run(
+        cls,
+        layout: Layout,
+        members: int,
+        *,
+        merger: str = "none",
+        has_base: bool = False,
+        device: str = "cpu",
+    ) -> MemoryModel:
+        from evoray.strategies.de import default_chunk
+
+        linear = [s for s in layout.slots if len(s.shape) == 2]
+        return cls(
+            elements=layout.numel,
+            storage_bytes=layout.storage_dtype.itemsize,
+            members=members,
+            largest_tensor=max(s.numel for s in (linear if merger == "regmean" else layout.slots)),
+            chunk=default_chunk(device),
+            merger=merger,
+            has_base=has_base,
+            regmean_elements=sum(s.shape[1] ** 2 for s in linear) if merger == "regmean" else 0,
+            largest_gram=max((s.shape[1] ** 2 for s in linear), default=0)
+            if merger == "regmean"
+            else 0,
+        )
+
+    # -- per node ---------------------------------------------------------------------------
+
+    @property
+    def model_bytes(self) -> int:
+        return self.elements * self.storage_bytes
+
+    @property
+    def population_bytes(self) -> int:
+        return self.members * self.model_bytes
+
+    @property
+    def base_bytes(self) -> int:
+        return self.model_bytes if self.has_base else 0
+
+    @property
+    def merged_bytes(self) -> int:
+        return 4 * self.elements if self.merger != "none" else 0
+
+    @property
+    def statistics_bytes(self) -> int:
+        if self.merger == "fisher":
+            return self.members * self.elements * (2 if self.storage_bytes <= 2 else 4)
+        if self.merger == "regmean":
+            return 4 * self.members * self.regmean_elements
+        return 0
+
+    @property
+    def store_bytes(self) -> int:
+        """What the object store of every node holding workers keeps for the whole run."""
+        return self.population_bytes + self.base_bytes + self.merged_bytes + self.statistics_bytes
+
+    @property
+    def store_peak_bytes(self) -> int:
+        """``store_bytes`` plus the keeps of one generation (all members replaced)."""
+        return self.store_bytes + self.population_bytes
+
+    # -- per worker -------------------------------------------------------------------------
+
+    @property
+    def range_elements(self) -> int:
+        if self.merger == "regmean":
+            return max(self.chunk, self.largest_tensor)
+        return min(self.chunk, self.elements)
+
+    @property
+    def scratch_bytes(self) -> int:
+        return SCRATCH_FLOATS * 4 * self.range_elements + 4 * self.largest_gram
+
+    @property
+    def worker_bytes(self) -> int:
+        """One worker's model plus build scratch (activations and runtime not included)."""
+        return self.model_bytes + self.scratch_bytes
+
+    def node_bytes(self, workers: int) -> int:
+        """A node with ``workers`` workers: its store (with keeps) and their models."""
+        return self.store_peak_bytes + workers * self.worker_bytes
+
+    def summary(self, workers_per_node: int) -> str:
+        """One line for the run's start: the estimate in GiB."""
+
+        def g(b: int) -> str:
+            return f"{b / GIB:.2f}"
+
+        return (
+            f"memory estimate: object store {g(self.store_bytes)} GiB per node "
+            f"(+{g(self.population_bytes)} while a generation's keeps are written), "
+            f"{g(self.worker_bytes)} GiB per worker on its device "
+            f"(model {g(self.model_bytes)} + scratch {g(self.scratch_bytes)}), "
+            f"{workers_per_node} worker(s) per node"
+        )
+
+
+def rss_anon(pid: int | str = "self") -> int:
+    """Private (anonymous) resident bytes of a process (Linux ``/proc``): what a worker holds
+    itself, apart from the object store's shared pages it maps."""
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("RssAnon:"):
+                return int(line.split()[1]) * 1024
+    raise OSError(f"no RssAnon in /proc/{pid}/status")
+
+
+class AnonPeak:
+    """Peak of ``rss_anon`` of some processes, sampled by a thread while a block runs (torch
+    releases the GIL in its kernels, so the sampler sees their allocations)."""
+
+    def __init__(self, pids: list[int | str] | None = None, interval_s: float = 0.001) -> None:
+        self.pids = pids or ["self"]
+        self.interval_s = interval_s
+        self.start = {p: 0 for p in self.pids}
+        self.peak = {p: 0 for p in self.pids}
+
+    def __enter__(self) -> AnonPeak:
+        import threading
+
+        self.start = {p: rss_anon(p) for p in self.pids}
+        self.peak = dict(self.start)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+        return self
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self._sample()
+            self._stop.wait(self.interval_s)
+
+    def _sample(self) -> None:
+        for p in self.pids:
+            with contextlib.suppress(OSError):  # the process ended
+                self.peak[p] = max(self.peak[p], rss_anon(p))
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self._sample()
+
+    def increase(self, pid: int | str = "self") -> int:
+        """Peak minus the value at the start."""
+        return self.peak[pid] - self.start[pid]
