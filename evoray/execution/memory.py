@@ -18,8 +18,10 @@ Per worker (on its device): its model, ``P * s``, plus build scratch of about 32
 values per element of one range (one chunk; for RegMean a linear weight is never cut, so
 ``max(C, largest linear weight)``, and one ``d x d`` float32 coefficient matrix), plus the
 evaluation's activations (batch-dependent, not modelled) and the process's runtime (Python,
-torch, transformers: measured, not modelled). A GPU worker also reads the checkpoint into
-host memory once at start, one tensor at a time into the device.
+torch, transformers: measured, not modelled). In merger mode the worker that updates the merge
+(once per generation) also holds the float32 merged vector, ``4 * P``, while returning it. A
+GPU worker also reads the checkpoint into host memory once at start, one tensor at a time into
+the device.
 """
 
 from __future__ import annotations
@@ -128,9 +130,16 @@ class MemoryModel:
         return SCRATCH_FLOATS * 4 * self.range_elements + 4 * self.largest_gram
 
     @property
+    def merge_output_bytes(self) -> int:
+        """Merger mode: the float32 merged vector a worker computes (once per generation,
+        on one worker) and returns to the store."""
+        return 4 * self.elements if self.merger != "none" else 0
+
+    @property
     def worker_bytes(self) -> int:
-        """One worker's model plus build scratch (activations and runtime not included)."""
-        return self.model_bytes + self.scratch_bytes
+        """One worker's peak: model, build scratch and, in merger mode, the merged vector it
+        may compute (activations and the runtime not included)."""
+        return self.model_bytes + self.scratch_bytes + self.merge_output_bytes
 
     def node_bytes(self, workers: int) -> int:
         """A node with ``workers`` workers: its store (with keeps) and their models."""

@@ -41,6 +41,9 @@ MERGER_KINDS = ("average", "fisher", "regmean")
 # Key suffix of a Gram for a weight stored (in, out), as GPT-2's ``Conv1D`` (``y = x W + b``):
 # RegMean multiplies it from the left instead of the right.
 TRANSPOSED_GRAM = ":in_rows"
+#: Elements per range when the caller names none: cache-sized float32 temporaries on a CPU
+#: (``evoray.strategies.de.default_chunk``; GPU callers pass theirs).
+CHUNK = 1 << 18
 
 
 @runtime_checkable
@@ -110,7 +113,7 @@ class _LinearMerger:
             )
         self._check_vector(diff, "the difference u - theta_i")
 
-    def ranges(self, chunk: int = 1 << 24) -> list[tuple[int, int]]:
+    def ranges(self, chunk: int = CHUNK) -> list[tuple[int, int]]:
         return tensor_ranges(self.layout, chunk)
 
     def add_range(self, out: Tensor, i: int, t: Tensor, start: int, stop: int) -> None:
@@ -160,7 +163,7 @@ class AverageMerger(_LinearMerger):
 
     name = "average"
 
-    def ranges(self, chunk: int = 1 << 24) -> list[tuple[int, int]]:
+    def ranges(self, chunk: int = CHUNK) -> list[tuple[int, int]]:
         n = self.layout.numel  # elementwise: any cut will do
         return [(s, min(n, s + chunk)) for s in range(0, n, chunk)]
 
@@ -224,7 +227,7 @@ class FisherMerger(_LinearMerger):
             coef = torch.where(total > 0, w / total, torch.full_like(w, 1.0 / self.n))
             self.coef[:, slot.offset : slot.offset + slot.numel] = coef.numpy()
 
-    def ranges(self, chunk: int = 1 << 24) -> list[tuple[int, int]]:
+    def ranges(self, chunk: int = CHUNK) -> list[tuple[int, int]]:
         n = self.layout.numel  # elementwise: any cut will do
         return [(s, min(n, s + chunk)) for s in range(0, n, chunk)]
 
@@ -347,7 +350,7 @@ class RegMeanMerger(_LinearMerger):
             return None
         return a.to(torch.float32).contiguous().numpy()
 
-    def ranges(self, chunk: int = 1 << 24) -> list[tuple[int, int]]:
+    def ranges(self, chunk: int = CHUNK) -> list[tuple[int, int]]:
         whole = {s.name for s, _ in self.linear} | {s.name for s, _ in self.transposed}
         return tensor_ranges(self.layout, chunk, whole)
 
