@@ -1,13 +1,24 @@
 """Racing's evaluation budget: dev examples scored, and final fitness, with and without racing.
 
     python benchmarks/evaluation_budget.py [--generations 6] [--confidence 0.95] [--first 0.25]
+        [--dev-size ROWS_PER_DOMAIN]
     python benchmarks/evaluation_budget.py --quick
 
-On the classifier zoo (built once, cached under $EVORAY_HOME), runs Evolver in individual mode
-in one process (one ``OffspringWorker``, no Ray) with the same seeds twice: scoring every
-offspring on the full dev set, and racing it. Prints both runs' dev examples scored, final dev
-and test fitness side by side, then one JSON line. The initial population's scoring (the same
-in both runs) is counted in both.
+On the classifier zoo (built once, cached under $EVORAY_HOME; ``--dev-size``: a larger generated
+dev set, ``ZooTasks.dev_size``), runs Evolver in individual mode in one process (one
+``OffspringWorker``, no Ray) with the same seeds twice: scoring every offspring on the full dev
+set, and racing it. Prints both runs' dev examples scored, final dev and test fitness side by
+side, then one JSON line. The initial population's scoring (the same in both runs) is counted
+in both. Also printed: the first slice's margin (how far below its target a candidate must be
+for the bound to stop it there), how many offspring of the run without racing were not better
+than their parent and by how much, and the ceiling ratio: the examples saved had every one of
+those stopped at its first slice (no racing rule that scores survivors in full does better).
+
+Measured (2 shared CPU cores): defaults, 6 generations, 2 seeds: 1.00x (none stopped; 11 of 48
+offspring not better, short by <= 0.0098, first-slice margin 0.104; ceiling 1.17x), dev and
+test gaps 0. ``--dev-size 2048 --first 0.1 --generations 20 --seeds 1``: 1.00x (28 of 80 not
+better, short by <= 0.0033, margin 0.049; ceiling 1.43x), gaps 0. Before survivors kept their
+slices' sums (they were re-scored on the full dev set) the default run gave 0.70-0.80x.
 """
 
 from __future__ import annotations
