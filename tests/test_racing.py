@@ -23,6 +23,7 @@ from evoray.strategies.racing import (
     TaskSeen,
     certain_upper,
     estimate,
+    race_order,
     rejects,
     round_fractions,
     round_stops,
@@ -180,10 +181,13 @@ def test_worker_racing_at_certainty_accepts_exactly_what_full_dev_accepts(tmp_pa
                 assert raced["fitness"] < parent[r.target]  # never accepted
                 if confidence == 1.0:
                     assert not full["fitness"] > parent[r.target]
-            else:  # a survivor is scored on the full dev set, as without racing
-                assert raced["fitness"] == full["fitness"]
-                assert raced["scores"] == full["scores"]
-                assert raced["examples"] > n
+            else:  # a survivor: only its unseen rows scored, combined into the full-dev scores
+                assert raced["fitness"] == full["fitness"]  # exactly, not approximately
+                metric = worker.spec.tasks.metric
+                assert raced["scores"] == {
+                    t: {metric(t): full["scores"][t][metric(t)]} for t in "ab"
+                }
+                assert raced["examples"] == n
     assert stopped  # the case is exercised
     # must-beat values above any offspring: certainty rejects them all early
     race = Race(2.0, 1.0, 0.25)
@@ -211,3 +215,95 @@ def test_logs_from_before_racing_read_with_null_columns(tmp_path: Path):
     pq.write_table(pa.Table.from_pylist([row], schema=old), tmp_path / "log/gen-000000.parquet")
     df = read_log(tmp_path)
     assert df["racing_stopped"].tolist() == [None] and df["dev_examples"].isna().all()
+
+
+# -- slices: shuffled, each row scored once ----------------------------------------------------
+
+
+def test_race_order_is_a_fixed_permutation_per_task_the_same_in_any_process():
+    import subprocess
+    import sys
+
+    order = race_order("books", 50)
+    assert sorted(order) == list(range(50)) and order != list(range(50))
+    assert race_order("books", 50) == order and race_order("movies", 50) != order
+    code = "from evoray.strategies.racing import race_order; print(race_order('books', 50))"
+    env = {"PYTHONHASHSEED": "123", "PYTHONPATH": str(Path(__file__).parents[1])}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert out.stdout.strip() == str(order), out.stderr
+
+
+def test_take_keeps_rows_in_the_given_order():
+    from evoray.tasks.kinds import LMData
+
+    s = EncodedSplit(torch.arange(10).view(5, 2), torch.ones(5, 2), torch.arange(5))
+    assert s.take([3, 0]).labels.tolist() == [3, 0]
+    lm = LMData(s, torch.arange(5), "dev", answers=tuple("abcde"), answer_lengths=torch.ones(5))
+    sub = lm.take([4, 1])
+    assert sub.answers == ("e", "b") and sub.split.input_ids.tolist() == [[8, 9], [2, 3]]
+    assert len(sub.answer_lengths) == 2 and sub.tokenizer is None
+
+
+@dataclass(frozen=True)
+class SortedTasks(TaskPool):
+    """Dev rows labelled by their row number; the 'model' scores a row 1 when its number is in
+    the task's top ``share`` (so the data is sorted: all zeros, then all ones). Scored rows are
+    recorded, per task, in the order they were scored."""
+
+    kind: ClassVar[str] = "test_sorted"
+    sizes: tuple = (("a", 400), ("b", 200))
+    share: float = 0.5
+    scored: dict = None  # type: ignore[assignment]
+
+    def names(self) -> list[str]:
+        return [t for t, _ in self.sizes]
+
+    def encode(self, tokenizer: Any, split: str) -> dict[str, EncodedSplit]:
+        return {
+            t: EncodedSplit(torch.zeros(n, 1), torch.ones(n, 1), torch.arange(n))
+            for t, n in self.sizes
+        }
+
+    def evaluate(self, model: Any, data: dict, *, batch_size: int = 512) -> dict:
+        out = {}
+        for t, d in data.items():
+            n = dict(self.sizes)[t]
+            self.scored.setdefault(t, []).extend(d.labels.tolist())
+            out[t] = {"accuracy": float((d.labels >= n * (1 - self.share)).double().mean())}
+        return out
+
+
+def fake_worker(tasks: SortedTasks) -> Any:
+    from types import SimpleNamespace
+
+    spec = SimpleNamespace(tasks=tasks, batch_size=64)
+    return SimpleNamespace(spec=spec, dev=tasks.encode(None, "dev"), model=None)
+
+
+def test_slices_are_random_samples_of_sorted_dev_rows_and_each_row_is_scored_once():
+    from evoray.execution.racing import race_scores
+
+    tasks = SortedTasks(scored={})
+    # full dev: 0.5 per task, above 0.45: accepted; prefix slices (all zeros) would reject it
+    out = race_scores(fake_worker(tasks), Race(0.45, 0.95, 0.25))
+    assert not out["racing_stopped"] and out["examples"] == 600
+    assert out["fitness"] == 0.5 and out["scores"] == {
+        "a": {"accuracy": 0.5},
+        "b": {"accuracy": 0.5},
+    }
+    for t, n in tasks.sizes:
+        rows = tasks.scored[t]
+        assert sorted(rows) == list(range(n))  # every row once: nothing re-scored
+        first = rows[: n // 4]
+        assert 0.3 < sum(r >= n / 2 for r in first) / len(first) < 0.7  # a mixed first slice
+
+
+def test_a_large_gap_is_rejected_at_the_first_slice():
+    from evoray.execution.racing import race_scores
+
+    # the classifier zoo's dev size: 4 tasks x 128 rows; a candidate at 0.3 racing a 0.7 parent
+    sizes = tuple((t, 128) for t in "abcd")
+    tasks = SortedTasks(sizes=sizes, share=0.3, scored={})
+    out = race_scores(fake_worker(tasks), Race(0.7, 0.95, 0.25))
+    assert out["racing_stopped"] and out["examples"] == 4 * 32
+    assert out["fitness"] < 0.7

@@ -13,12 +13,19 @@ is the certain bound, used at ``confidence: 1.0``, so racing then never rejects 
 dev set would accept. Below 1.0 the bound is Hoeffding's with Serfling's finite-population
 factor (sampling without replacement), over all tasks' examples at once, with the error
 probability split over the rounds (union bound), and never above the certain bound. The
-probabilistic bound assumes the dev examples are in random order (slices are prefixes).
+probabilistic bound needs each slice to be a random sample of its task's dev rows: slices are
+prefixes of ``race_order``, a seeded shuffle of each task's rows (dev files sorted by label or
+source would otherwise break it), the same for every offspring and worker.
+
+A survivor is not scored again on the rows its slices saw: the per-task sums are kept and only
+the remaining rows are scored, so its scores are the full-dev ones (exactly, for 0/1 per-example
+scores: ``slice_sum`` makes each slice's sum a whole count) for the cost of one full-dev pass.
 """
 
 from __future__ import annotations
 
 import math
+import random
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -61,6 +68,25 @@ def round_fractions(first: float) -> list[float]:
         out.append(f)
         f *= 2
     return out
+
+
+def race_order(task: str, n: int) -> list[int]:
+    """The order racing scores a task's ``n`` dev rows in: a shuffle seeded by the task's name
+    and size only (``random.Random`` seeded by a string is stable across processes), so every
+    offspring on every worker sees the same slices and decisions are reproducible."""
+    order = list(range(n))
+    random.Random(f"evoray-racing/{task}/{n}").shuffle(order)
+    return order
+
+
+def slice_sum(mean: float, count: int) -> float:
+    """The sum of a slice's per-example scores from its ``mean`` over ``count`` rows. Accuracy
+    and exact match are 0/1 per example, so the sum is a whole number: rounding it removes the
+    float error of ``mean * count``, which makes a survivor's combined mean (total / n) equal the
+    full-dev mean bit for bit. Other means are kept as they are."""
+    total = mean * count
+    whole = round(total)
+    return float(whole) if abs(total - whole) < 1e-6 else total
 
 
 def round_stops(n: int, fractions: Sequence[float]) -> list[int]:

@@ -4,6 +4,7 @@ mapped onto the classifier head's labels, scored by accuracy / macro F1 or an HF
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -13,7 +14,7 @@ import torch
 from evoray.errors import ConfigError
 from evoray.tasks.data import is_local
 from evoray.tasks.evaluation import EncodedSplit, predict_logits
-from evoray.tasks.kinds import TaskEntry, move_to_device, subset_rows
+from evoray.tasks.kinds import TaskEntry, move_to_device, subset_rows, take_rows
 from evoray.tasks.metrics import accuracy, hf_metric_scores, macro_f1
 
 
@@ -36,8 +37,12 @@ class ClassData:
         return move_to_device(self, device)
 
     def subset(self, start: int, stop: int) -> ClassData:
-        """Rows ``start:stop`` (the slices racing scores in rounds)."""
+        """Rows ``start:stop`` (a contiguous range, as views)."""
         return subset_rows(self, start, stop)
+
+    def take(self, rows: Sequence[int]) -> ClassData:
+        """The given rows, in that order (racing's shuffled slices)."""
+        return take_rows(self, rows)
 
 
 @dataclass(frozen=True)

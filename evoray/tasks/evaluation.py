@@ -6,6 +6,7 @@ Search evaluates thousands of offspring on the same dev sets, so each split is t
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -32,9 +33,14 @@ class EncodedSplit:
         )
 
     def subset(self, start: int, stop: int) -> EncodedSplit:
-        """Rows ``start:stop`` (views, no copy): the slices racing scores in rounds."""
+        """Rows ``start:stop`` (views, no copy)."""
         sl = slice(start, stop)
         return EncodedSplit(self.input_ids[sl], self.attention_mask[sl], self.labels[sl])
+
+    def take(self, rows: Sequence[int]) -> EncodedSplit:
+        """The given rows, in that order (a copy): racing's shuffled slices."""
+        idx = torch.as_tensor(list(rows), dtype=torch.long, device=self.input_ids.device)
+        return EncodedSplit(self.input_ids[idx], self.attention_mask[idx], self.labels[idx])
 
 
 def encode(tokenizer, dataset: Dataset, *, max_length: int = 64) -> EncodedSplit:

@@ -14,6 +14,7 @@ input keeps its first ``max_length`` tokens (the tokenizer's ``longest_first`` f
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, ClassVar
 
@@ -166,6 +167,21 @@ def subset_rows(obj: Any, start: int, stop: int) -> Any:
     return replace(obj, **out)
 
 
+def take_rows(obj: Any, rows: Sequence[int]) -> Any:
+    """``obj`` with every per-row field cut to the given ``rows``, in that order (racing's
+    shuffled slices; ``subset_rows`` for a contiguous range)."""
+    rows = list(rows)
+    out = {}
+    for k, v in obj.__dict__.items():
+        if isinstance(v, EncodedSplit):
+            out[k] = v.take(rows)
+        elif isinstance(v, torch.Tensor) and len(v) == len(obj):
+            out[k] = v[torch.as_tensor(rows, dtype=torch.long, device=v.device)]
+        elif isinstance(v, tuple) and len(v) == len(obj):
+            out[k] = tuple(v[i] for i in rows)
+    return replace(obj, **out)
+
+
 # -- classification ---------------------------------------------------------------------------
 
 
@@ -190,8 +206,12 @@ class LMData:
         return move_to_device(self, device)
 
     def subset(self, start: int, stop: int) -> LMData:
-        """Rows ``start:stop`` (the slices racing scores in rounds)."""
+        """Rows ``start:stop`` (a contiguous range, as views)."""
         return subset_rows(self, start, stop)
+
+    def take(self, rows: Sequence[int]) -> LMData:
+        """The given rows, in that order (racing's shuffled slices)."""
+        return take_rows(self, rows)
 
 
 def _pad(rows: list[list[int]], pad_id: int, *, left: bool = False, value: int | None = None):
@@ -354,7 +374,8 @@ class QATask(TaskEntry):
             for source in self.evaluate_metrics:
                 out.update(hf_metric_scores(source, texts, list(data.answers)))
         else:
-            out["exact_match"] = float(torch.cat(hits).float().mean())
+            # float64: the mean is hits / n exactly, as racing's combined slices give it
+            out["exact_match"] = float(torch.cat(hits).double().mean())
         return out
 
 

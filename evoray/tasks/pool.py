@@ -122,6 +122,7 @@ class ZooTasks(TaskPool):
     n_domains: int = 4
     n_ood: int = 2
     max_length: int = 64
+    dev_size: int | None = None  # dev rows per domain (None: the suite's 128); more, for racing
 
     def _suite(self):
         from evoray.tasks.suite import make_suite
@@ -135,12 +136,16 @@ class ZooTasks(TaskPool):
         return self._suite().ood_names if self.n_ood else []
 
     def encode(self, tokenizer: Any, split: str) -> dict[str, EncodedSplit]:
+        from evoray.tasks.suite import SPLIT_SIZES
+
         suite = self._suite()
         ood = split.startswith("ood-")
         names = suite.ood_names if ood else suite.domain_names
         part = split.removeprefix("ood-")
+        sizes = None if self.dev_size is None else {**SPLIT_SIZES, "dev": self.dev_size}
         return {
-            n: encode(tokenizer, suite.dataset(n)[part], max_length=self.max_length) for n in names
+            n: encode(tokenizer, suite.dataset(n, sizes)[part], max_length=self.max_length)
+            for n in names
         }
 
 
