@@ -147,7 +147,7 @@ def test_worker_devices():
     assert worker_devices("cpu", 2) == [torch.device("cpu")] * 2
     assert worker_devices("cuda", 1) == [torch.device("cuda")]
     if torch.cuda.device_count() < 2:
-        with pytest.raises(RuntimeError, match="execution.gpus_per_worker is 2"):
+        with pytest.raises(RuntimeError, match=r"execution\.gpus_per_worker is 2"):
             worker_devices("cuda", 2)
 
 
@@ -208,7 +208,7 @@ def test_two_segment_worker_equals_one_segment_worker(members):
 
 @pytest.mark.parametrize("kind", ["average", "fisher"])
 def test_two_segment_worker_equals_one_segment_worker_in_merger_mode(members, kind):
-    paths, layout, pop_np, _ = members
+    _, layout, pop_np, _ = members
     pop = [from_numpy(a) for a in pop_np]
     if kind == "average":
         merger = AverageMerger(layout, len(pop))
@@ -249,3 +249,20 @@ def test_dispatched_model_keeps_its_binding_and_outputs(members):
     with torch.no_grad():
         rebuilt = w.model(input_ids=ids).logits
     assert not torch.equal(rebuilt, before)
+
+
+@pytest.mark.parametrize(
+    ("gpus", "devices"), [(0, 1), (0.25, 1), (0.5, 1), (1, 1), (2, 2), (4.0, 4)]
+)
+def test_gpus_per_worker_sets_the_devices_a_worker_spans(gpus, devices):
+    from evoray.config.run_config import ExecutionSpec
+
+    assert ExecutionSpec(gpus_per_worker=gpus).devices_per_worker == devices
+
+
+@pytest.mark.parametrize("gpus", [1.5, 2.5])
+def test_gpus_per_worker_above_one_must_be_whole(gpus):
+    from evoray.config.run_config import ExecutionSpec
+
+    with pytest.raises(ValueError, match=r"execution\.gpus_per_worker: .*whole number"):
+        ExecutionSpec(gpus_per_worker=gpus)

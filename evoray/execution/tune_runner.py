@@ -97,9 +97,7 @@ def prepare(
             layout=layout,
             tasks=tasks,
             device="cuda" if ex.gpus_per_worker > 0 else "cpu",
-            # 2 or more GPUs: the worker spreads its model's layers over them; a fraction
-            # shares one GPU with other workers (Ray packs 1 / gpus_per_worker per GPU).
-            num_devices=int(ex.gpus_per_worker) if ex.gpus_per_worker >= 2 else 1,
+            num_devices=ex.devices_per_worker,
             torch_threads=ex.torch_threads,
             allow_pickle=models.allow_pickle,
             trust_remote_code=models.trust_remote_code,
