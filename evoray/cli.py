@@ -373,7 +373,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--gpus-per-worker",
         type=float,
         default=None,
-        help="override execution.gpus_per_worker (e.g. 1: one model per GPU)",
+        help=(
+            "override execution.gpus_per_worker (1: one model per GPU; 0.25: four workers "
+            "share a GPU; 2: each worker spreads its model over two GPUs)"
+        ),
     )
     _add_run_options(r)
     r.set_defaults(func=_cmd_run)

@@ -57,3 +57,119 @@ def test_merger_ranges_on_the_gpu_equal_the_cpu():
         m.add_range(cpu[lo:hi], 1, t[lo:hi], lo, hi)
         m.add_range(gpu[lo:hi], 1, t[lo:hi].cuda(), lo, hi)
     torch.testing.assert_close(gpu.cpu(), cpu)
+
+
+# -- workers spanning GPUs, and workers sharing one --------------------------------------------
+
+needs_two_gpus = pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA devices")
+_RECIPES = [(0, (1,), 0.7, 0.8, 3, "evolver"), (2, (0, 1, 3), 0.5, 0.4, 2**61 + 9, "rand1")]
+
+
+@pytest.fixture(scope="module")
+def lm_members(tmp_path_factory):
+    """Four tiny Llamas (6 blocks) and their base, as paths, layout and flat vectors."""
+    from evoray.models.pool import ModelPool
+    from evoray.weights.checkpoint import open_checkpoint
+    from evoray.weights.flat import flatten
+    from tests.lm_fixtures import make_model
+
+    root = tmp_path_factory.mktemp("gpu-lms")
+    kw = {"num_hidden_layers": 6}
+    paths = [
+        str(make_model(root / f"m{i}", "llama", seed=0, noise=0.05 * (i + 1), **kw))
+        for i in range(4)
+    ]
+    base = str(make_model(root / "base", "llama", seed=0, **kw))
+    layout = ModelPool(tuple(paths)).layout()
+    flats = []
+    for p in [*paths, base]:
+        with open_checkpoint(p) as c:
+            flats.append(flatten(c, layout).data)
+    return paths, layout, flats[:-1], flats[-1]
+
+
+def _spec(lm_members, device: str, n: int = 1):
+    from evoray.execution.worker import WorkerSpec
+    from tests.lm_fixtures import TextLogLik
+
+    paths, layout, _, _ = lm_members
+    return WorkerSpec(paths[0], layout, TextLogLik(), device=device, metric="loglik", num_devices=n)
+
+
+@needs_two_gpus
+def test_a_two_gpu_worker_equals_a_one_gpu_worker(lm_members):
+    """Layers on cuda:0 and cuda:1 (accelerate's hooks move activations): the offspring is
+    bit-identical to the CPU build and scores as on one GPU, in individual and merger mode."""
+    import numpy as np
+
+    from evoray.execution.worker import OffspringWorker
+    from evoray.population.mergers import AverageMerger
+    from evoray.strategies.de import Recipe, build_offspring
+    from evoray.weights.flat import from_numpy, to_numpy
+    from evoray.weights.placement import read_flat
+
+    _, layout, pop_np, base = lm_members
+    pop = [from_numpy(a) for a in pop_np]
+    merger = AverageMerger(layout, len(pop))
+    one, two = (OffspringWorker(_spec(lm_members, "cuda", n)) for n in (1, 2))
+    assert {p.device for p in two.model.parameters()} == {
+        torch.device("cuda", 0),
+        torch.device("cuda", 1),
+    }
+    assert {s.device for s in two.segments} == {torch.device("cuda", 0), torch.device("cuda", 1)}
+    for w in (one, two):
+        w.set_population(*pop_np)
+        w.base, w.merged, w.merger = from_numpy(base), merger.merge(pop), merger
+    for t in _RECIPES:
+        r = Recipe(*t)
+        a, b = one.evaluate_recipe(r), two.evaluate_recipe(r)
+        np.testing.assert_array_equal(read_flat(two.segments), to_numpy(build_offspring(r, pop)))
+        assert b["fitness"] == pytest.approx(a["fitness"], rel=1e-5)
+        assert b["kinship_to_parent"] == pytest.approx(a["kinship_to_parent"], rel=1e-6)
+        a, b = one.evaluate_recipe(r, merged=True), two.evaluate_recipe(r, merged=True)
+        np.testing.assert_array_equal(read_flat(two.segments), read_flat(one.segments))
+        assert b["fitness"] == pytest.approx(a["fitness"], rel=1e-5)
+
+
+@needs_two_gpus
+def test_a_ray_worker_with_two_gpus_spans_both(lm_members, ray_local):
+    """``gpus_per_worker: 2``: Ray gives the actor two GPUs, visible to it as cuda:0 and 1."""
+    import ray
+
+    from evoray.execution.pool import WorkerPool
+    from tests import lm_fixtures
+
+    ray.cloudpickle.register_pickle_by_value(lm_fixtures)
+    pool = WorkerPool(_spec(lm_members, "cuda", 2), 1, num_cpus=0.5, num_gpus=2)
+    try:
+        (actor,) = pool.actors
+        devices = ray.get(actor.__ray_call__.remote(lambda w: sorted(map(str, w.devices))))
+        assert devices == ["cuda:0", "cuda:1"]
+    finally:
+        pool.shutdown()
+
+
+def test_four_workers_share_one_gpu_at_a_quarter_each(lm_members, ray_local):
+    """``gpus_per_worker: 0.25``: Ray packs four workers on one GPU; all run and score."""
+    import ray
+
+    from evoray.execution.pool import WorkerPool
+    from evoray.strategies.de import Recipe
+    from tests import lm_fixtures
+
+    ray.cloudpickle.register_pickle_by_value(lm_fixtures)
+    _, _, pop_np, _ = lm_members
+    pool = WorkerPool(_spec(lm_members, "cuda"), 4, num_cpus=0.25, num_gpus=0.25)
+    try:
+        refs = [ray.put(a) for a in pop_np]
+        recipes = [Recipe(*_RECIPES[i % 2]) for i in range(4)]
+        results = pool.evaluate_recipes(recipes, refs, merged=False)
+        assert [r["device"] for r in results] == ["cuda"] * 4
+        assert len({r["pid"] for r in results}) == 4
+        gpu_ids = ray.get([a.__ray_call__.remote(lambda w: ray.get_gpu_ids()) for a in pool.actors])
+        assert all(len(g) == 1 for g in gpu_ids), gpu_ids  # a share of one GPU each
+        if torch.cuda.device_count() == 1:  # Ray may spread shares over several GPUs
+            assert len({tuple(g) for g in gpu_ids}) == 1, gpu_ids
+        assert results[0]["fitness"] == pytest.approx(results[2]["fitness"], rel=1e-6)
+    finally:
+        pool.shutdown()

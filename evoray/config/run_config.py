@@ -68,6 +68,13 @@ class ExecutionSpec:
                 )
 
 
+    @property
+    def devices_per_worker(self) -> int:
+        """GPUs one worker spreads its model over: ``gpus_per_worker`` when 2 or more; a
+        fraction or 1 means one device (a fraction shares it with other workers)."""
+        return int(self.gpus_per_worker) if self.gpus_per_worker >= 2 else 1
+
+
 @dataclass(frozen=True)
 class SearchSpec:
     grid: dict[str, list[Any]] = field(default_factory=dict)

@@ -97,6 +97,7 @@ def prepare(
             layout=layout,
             tasks=tasks,
             device="cuda" if ex.gpus_per_worker > 0 else "cpu",
+            num_devices=ex.devices_per_worker,
             torch_threads=ex.torch_threads,
             allow_pickle=models.allow_pickle,
             trust_remote_code=models.trust_remote_code,

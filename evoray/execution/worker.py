@@ -21,10 +21,11 @@ import torch
 from evoray.execution.racing import race_scores
 from evoray.kinship.metrics import KinshipSums, kinship_flat
 from evoray.models.pool import check_model_for_tasks, load_model
-from evoray.strategies.de import Recipe, build_offspring, build_range, default_chunk
+from evoray.strategies.de import Recipe, build_into, build_offspring, build_range, default_chunk
 from evoray.strategies.racing import Race
 from evoray.tasks.evaluation import EncodedSplit
 from evoray.tasks.pool import TaskPool, ZooTasks
+from evoray.weights.device_plan import make_segments, place_model, plan_devices, worker_devices
 from evoray.weights.flat import FlatWeights, from_numpy, to_numpy
 from evoray.weights.layout import Layout
 from evoray.weights.placement import Segment, pieces, read_flat, single_segment, write_flat
@@ -38,6 +39,10 @@ class WorkerSpec:
     layout: Layout
     tasks: TaskPool = field(default_factory=ZooTasks)
     device: str = "cpu"
+    # Devices one worker spans (``execution.gpus_per_worker`` when >= 2): the model's layers
+    # are spread over cuda:0..n-1 of the actor. With ``device="cpu"`` it makes n CPU segments
+    # (the multi-device path, testable without GPUs).
+    num_devices: int = 1
     metric: str = "accuracy"
     batch_size: int = 512
     torch_threads: int | None = None
@@ -130,7 +135,8 @@ class OffspringWorker:
         if spec.quiet:
             silence_progress_bars()
         self.spec = spec
-        self.device = torch.device(spec.device)
+        self.devices = worker_devices(spec.device, spec.num_devices)
+        self.device = self.devices[0]  # inputs, dev data and build scratch live here
         layout = spec.layout
         check_model_for_tasks(spec.model_path, spec.tasks, allow_pickle=spec.allow_pickle)
         model, tok = load_model(
@@ -139,14 +145,24 @@ class OffspringWorker:
             allow_pickle=spec.allow_pickle,
             trust_remote_code=spec.trust_remote_code,
         )
-        # One segment on this worker's device (several when a worker spans GPUs). Tensors are
-        # bound (copied into the segment and dropped from host memory) one by one before the
-        # model moves, so the device never holds the model twice; only what is outside the
-        # weight space (rotary tables, position ids) moves with ``.to``.
-        self.segments = single_segment(layout.numel, layout.storage_dtype, self.device)
-        self.buffer = self.segments[0].buffer
+        # One segment on this worker's device, or the layers spread over several devices by
+        # bytes (``plan_devices``). Tensors are bound (copied into their segment and dropped
+        # from host memory) one by one before the model moves, so no device ever holds the
+        # model twice; only what is outside the weight space (rotary tables, position ids)
+        # moves with ``.to`` / ``place_model``.
+        self.plan = None
+        if len(self.devices) == 1:
+            self.segments = single_segment(layout.numel, layout.storage_dtype, self.device)
+        else:
+            order = [n for n, _ in model.named_parameters()]
+            self.plan = plan_devices(layout, len(self.devices), order)
+            self.segments = make_segments(self.plan, layout.storage_dtype, self.devices)
+        self.buffer = self.segments[0].buffer if len(self.segments) == 1 else None
         bind_parameters(model, self.segments, layout)
-        self.model = model.to(self.device).eval()
+        if self.plan is None:
+            self.model = model.to(self.device).eval()
+        else:
+            self.model = place_model(model, self.plan, self.devices).eval()
         self._tokenizer = tok
         self.dev = self._split("dev")
         self.population: list[torch.Tensor] = []
@@ -192,14 +208,7 @@ class OffspringWorker:
             recipe = {k: v for k, v in recipe.items() if k != "race"}
         recipe = Recipe.from_dict(recipe) if isinstance(recipe, dict) else recipe
         t0 = time.perf_counter()
-        if merged:
-            kin = self._build_in_merge(recipe)
-        else:
-            u = build_offspring(recipe, self.population, self.buffer)
-            kin = None
-            if self.base is not None:
-                parent = self.population[recipe.target]
-                kin = kinship_flat(u, parent, self.base).pearson
+        kin = self._build_in_merge(recipe) if merged else self._build_individual(recipe)
         t1 = time.perf_counter()
         raced = race_scores(self, race) if race is not None else self.full_scores()
         t2 = time.perf_counter()
@@ -213,6 +222,23 @@ class OffspringWorker:
             "device": str(self.device),
             "pid": self.pid,
         }
+
+    def _build_individual(self, recipe: Recipe) -> float | None:
+        """Build the offspring into the model, segment by segment on their devices; returns
+        its kinship to its parent (Pearson of deltas from the base, from the stored values,
+        summed per chunk) when there is a base."""
+        pop, base = self.population, self.base
+        if base is None:
+            build_into(recipe, pop, self.segments)
+            return None
+        sums, parent = KinshipSums(), pop[recipe.target]
+
+        def kinship(u: torch.Tensor, start: int, stop: int) -> None:
+            b = base[start:stop].to(u.device, torch.float32)
+            sums.update(u.float() - b, parent[start:stop].to(u.device, torch.float32) - b)
+
+        build_into(recipe, pop, self.segments, on_chunk=kinship)
+        return sums.pearson
 
     def _build_in_merge(self, recipe: Recipe) -> float | None:
         """Write ``merged + A_t (u - theta_t)`` into the model range by range, on this

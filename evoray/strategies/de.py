@@ -22,11 +22,15 @@ offspring never equals its parent.
 from __future__ import annotations
 
 import random
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
+
+if TYPE_CHECKING:
+    from evoray.weights.placement import Segment
 
 MUTATIONS = ("evolver", "rand1")
 BLOCK = 1 << 16  # elements per crossover block (one hash key and one forced element each)
@@ -189,3 +193,26 @@ def build_offspring(
         stop = min(n, start + chunk)
         out[start:stop].copy_(build_range(recipe, population, start, stop, out.device))
     return out
+
+
+def build_into(
+    recipe: Recipe,
+    population: Sequence[torch.Tensor],
+    segments: Sequence[Segment],
+    *,
+    on_chunk: Callable[[torch.Tensor, int, int], None] | None = None,
+    chunk: int | None = None,
+) -> None:
+    """Build the offspring straight into a worker's segments (its model's memory, one or
+    several devices), each chunk on its segment's device; ``on_chunk(written, start, stop)``
+    sees every chunk as stored (running kinship sums, without a second pass)."""
+    for seg in segments:
+        step = chunk or default_chunk(seg.device)
+        start = seg.start
+        while start < seg.stop:
+            stop = min(seg.stop, (start // step + 1) * step)  # chunk edges stay block-aligned
+            view = seg.buffer[start - seg.start : stop - seg.start]
+            view.copy_(build_range(recipe, population, start, stop, seg.device))
+            if on_chunk is not None:
+                on_chunk(view, start, stop)
+            start = stop

@@ -18,6 +18,13 @@ def layer_index(tensor_name: str) -> int | None:
     return int(m.group(1)) if m else None
 
 
+def block_prefix(tensor_name: str) -> str | None:
+    """Module path of the block a tensor belongs to (``model.layers.3``), or None outside the
+    blocks; unlike the index it tells an encoder's block 0 from a decoder's."""
+    m = _LAYER_RE.search(tensor_name)
+    return tensor_name[: m.end() - 1] if m else None
+
+
 def num_layers(config: Mapping[str, Any] | None, tensor_names: list[str]) -> int:
     """Layer count from the HF config, else from the tensor names."""
     for key in NUM_LAYER_KEYS:
