@@ -51,9 +51,9 @@ def evoray_run(zoo, generations: int, workers: int) -> dict:
     n = 0
     original = pool.evaluate_recipes
 
-    def timed(recipes, population, merged, context=None):
+    def timed(recipes, population, **kwargs):
         nonlocal evals, builds, n
-        results = original(recipes, population, merged=merged, context=context)
+        results = original(recipes, population, **kwargs)
         evals += sum(r["eval_time_s"] for r in results)
         builds += sum(r["build_time_s"] for r in results)
         n += len(results)

@@ -30,6 +30,7 @@ from evoray.strategies.base import (
     Offspring,
     Score,
 )
+from evoray.strategies.de import Recipe
 from evoray.tasks.pool import TaskPool, ZooTasks
 
 
@@ -105,6 +106,9 @@ class RayPopulation:
         self.base_ref: ray.ObjectRef | None = None
         self.merged_ref: ray.ObjectRef | None = None
         self.merger_ref: ray.ObjectRef | None = None
+        # Offspring as scored in the last batch, by (recipe, population it read): keeping one
+        # reuses these weights instead of rebuilding them on a worker.
+        self._scored: dict[tuple[Recipe, tuple], ray.ObjectRef] = {}
 
     def load(self) -> None:
         """Flat vectors of the base and the members, read by the workers into the store."""
@@ -159,6 +163,8 @@ class RayPopulation:
             self.refs[keep.slot] = ref
         for slot in batch.release:  # the store frees the vector once no ref to it remains
             self.refs[slot] = None
+        if batch.keep:
+            self._scored = {}
         return Answers(scores=scores, kinship=kinship)
 
     def _context(self, merged: ray.ObjectRef | None) -> dict[str, ray.ObjectRef | None]:
@@ -178,7 +184,14 @@ class RayPopulation:
                 merged=in_merge,
                 context=self._context(merged),
                 races=[b.race for b in builds],
+                keep_above=None if in_merge else [b.keep_above for b in builds],
             )
+            key = tuple(pop)
+            self._scored = {
+                (r, key): res["weights"]
+                for r, res in zip(recipes, results, strict=True)
+                if res.get("weights") is not None
+            }
             return [_score(r) for r in results]
         if all(isinstance(b, MethodMerge) for b in builds):
             calls = [
@@ -209,6 +222,9 @@ class RayPopulation:
         if isinstance(build, Merged):
             return merged
         if isinstance(build, Offspring):
+            scored = self._scored.get((build.recipe, tuple(pop)))
+            if scored is not None:
+                return scored
             return self.pool.submit("build", build.recipe.to_dict(), *pop)
         if isinstance(build, MergeAll):
             return self.pool.submit("merge", self.merger_ref, *pop)

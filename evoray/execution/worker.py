@@ -219,11 +219,23 @@ class OffspringWorker:
 
     def evaluate_batch(
         self, recipes: list[dict], merged: bool, context: dict[str, Any], *population: np.ndarray
-    ) -> list[dict[str, Any]]:
-        """Adopt ``population`` and evaluate several recipes: one round trip per generation."""
+    ) -> tuple[list[dict[str, Any]], ...]:
+        """Adopt ``population`` and evaluate several recipes in one round trip. Returns
+        ``(results, *weights)``, one weights entry per recipe: the offspring as scored (the
+        model's own weights) when its dict carries ``keep_above`` and its fitness is above
+        it, so the strategy's keep needs no rebuild, else None (``results[i]["kept"]``)."""
         self.use_context(context)
         self.set_population(*population)
-        return [self.evaluate_recipe(r, merged) for r in recipes]
+        results: list[dict[str, Any]] = []
+        weights: list[np.ndarray | None] = []
+        for d in recipes:
+            above = d.get("keep_above")
+            r = self.evaluate_recipe({k: v for k, v in d.items() if k != "keep_above"}, merged)
+            kept = above is not None and not merged and r["fitness"] > above
+            # A copy: on the CPU the buffer is the next recipe's model.
+            weights.append(np.array(read_flat(self.segments), copy=True) if kept else None)
+            results.append({**r, "kept": kept})
+        return (results, *weights)
 
     def evaluate_vector(self, flat: np.ndarray, split: str = "dev") -> dict[str, Any]:
         """Score a given flat vector (an initial individual, or the merged model)."""
