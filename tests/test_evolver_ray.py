@@ -114,6 +114,22 @@ def test_scored_offspring_weights_are_the_rebuilt_offspring(small_zoo, ray_local
     assert not results[0]["kept"] and weights is None
 
 
+def test_worker_fetches_only_changed_population_slots(small_zoo, ray_local):
+    """Population refs travel nested in each call; a slot whose ref did not change is the
+    tensor the worker already holds, a changed one is the new vector."""
+    inputs, spec = inputs_for(small_zoo)
+    worker = OffspringWorker(spec)
+    arrays = [worker.load(m) for m in inputs.members]
+    refs = [ray.put(a) for a in arrays]
+    worker.use_context({"population": refs})
+    before = list(worker.population)
+    changed = arrays[0] + np.ones_like(arrays[0])
+    worker.use_context({"population": [ray.put(changed), *refs[1:]]})
+    assert all(a is b for a, b in zip(worker.population[1:], before[1:], strict=True))
+    assert np.array_equal(worker.population[0].numpy(), changed)
+    assert all(np.array_equal(t.numpy(), a) for t, a in zip(before, arrays, strict=True))
+
+
 def test_dynamic_dealing_and_scored_keeps_match_rebuilds(small_zoo, pools, monkeypatch):
     """Dealing recipes to whichever worker frees first, and keeping the weights as scored
     instead of rebuilding them, give the same run as static dealing with rebuilds."""

@@ -77,15 +77,16 @@ class WorkerPool:
         ``static`` dealing: round-robin, one call per worker, so a generation costs one round
         trip per worker; right when offspring cost the same to score. ``dynamic``: one recipe
         per call, the next to whichever worker frees first, for uneven costs (racing).
-        The population is passed along as refs (nothing is copied); ``context`` refs (base,
-        merged, merger) stay nested so workers fetch them only once. ``races`` (per recipe,
+        The population and the ``context`` refs (base, merged, merger) travel nested in the
+        call (nothing is copied), so a worker fetches each only once. ``races`` (per recipe,
         ``Race`` or None) travel inside the recipe dicts as ``race``, ``keep_above`` (per
         recipe) likewise: a result whose fitness beats it carries ``weights``, a ref to the
         offspring as scored (else None). A worker that dies is restarted by Ray and its call
         retried (``max_task_retries``); everything it needs comes with the call, so the retry
         gives the same result."""
         n, w = len(recipes), len(self.actors)
-        ctx = dict(context or {})
+        # Nested refs: a worker fetches only the slots that changed since its last call.
+        ctx = {**(context or {}), "population": list(population)}
         dicts = [r.to_dict() for r in recipes]
         for d, race in zip(dicts, races or [None] * n, strict=True):
             if race is not None:
@@ -104,7 +105,7 @@ class WorkerPool:
             while chunks and free:
                 a, idx = free.pop(0), chunks.popleft()
                 call = self.actors[a].evaluate_batch.options(num_returns=1 + len(idx))
-                refs = call.remote([dicts[i] for i in idx], merged, ctx, *population)
+                refs = call.remote([dicts[i] for i in idx], merged, ctx)
                 pending[refs[0]] = (a, idx, refs[1:])
             (done,), _ = ray.wait(list(pending), num_returns=1)
             a, idx, weights = pending.pop(done)
