@@ -3,8 +3,10 @@
 The driver holds only object refs: population slots, the base, the merged model and the merger.
 Builds become worker calls (offspring, merges) whose results stay in the object store; scoring
 goes to the workers, one call per worker for a batch of DE offspring, so a generation costs one
-round trip per worker. Every build of a batch reads the population as it was when the batch
-arrived; keeps are applied after its scores and kinships.
+round trip per worker. An offspring that beats its ``keep_above`` comes back with its weights
+(the ones it was scored with), so keeping it costs no rebuild call before the next generation.
+Every build of a batch reads the population as it was when the batch arrived; keeps are
+applied after its scores and kinships.
 """
 
 from __future__ import annotations
