@@ -15,6 +15,7 @@ from evoray.execution.population import RunInputs
 from evoray.execution.search_run import SearchRun
 from evoray.execution.worker import OffspringWorker, WorkerSpec
 from evoray.models.pool import ModelPool
+from evoray.population.mergers import make_merger
 from evoray.strategies.base import Problem
 from evoray.strategies.de import Recipe, build_offspring
 from evoray.strategies.evolver import Evolver, EvolverSettings, EvolverState
@@ -88,6 +89,71 @@ def test_individual_mode_deterministic_across_worker_counts(small_zoo, pools):
     assert all(a.fitness[i] > start.fitness[i] for i in accepted)
 
 
+def test_scored_offspring_weights_are_the_rebuilt_offspring(small_zoo, ray_local):
+    """A worker returns the weights it scored only when the fitness beats ``keep_above``, and
+    they are exactly what a rebuild gives (not a view of the model the next recipe reuses)."""
+    inputs, spec = inputs_for(small_zoo)
+    worker = OffspringWorker(spec)
+    pop = [worker.load(m) for m in inputs.members]
+    r1, r2, r3 = (Recipe(i, ((i + 1) % 3,), 0.5, 0.5, 10 + i) for i in range(3))
+    dicts = [
+        {**r1.to_dict(), "keep_above": float("-inf")},
+        {**r2.to_dict(), "keep_above": float("inf")},
+        r3.to_dict(),
+    ]
+    results, *weights = worker.evaluate_batch(dicts, False, {}, *pop)
+    assert [r["kept"] for r in results] == [True, False, False]
+    assert weights[1] is None and weights[2] is None
+    assert np.array_equal(weights[0], worker.build(r1.to_dict(), *pop))
+    assert not np.array_equal(weights[0], worker.build(r3.to_dict(), *pop))
+    # In merger mode the model is the merge, not the offspring: nothing is returned.
+    merger = make_merger("average", spec.layout, len(pop))
+    merged = merger.merge([torch.from_numpy(p) for p in pop]).float().numpy()
+    context = {"merged": ray.put(merged), "merger": ray.put(merger)}
+    results, weights = worker.evaluate_batch(dicts[:1], True, context, *pop)
+    assert not results[0]["kept"] and weights is None
+
+
+def test_worker_fetches_only_changed_population_slots(small_zoo, ray_local):
+    """Population refs travel nested in each call; a slot whose ref did not change is the
+    tensor the worker already holds, a changed one is the new vector."""
+    inputs, spec = inputs_for(small_zoo)
+    worker = OffspringWorker(spec)
+    arrays = [worker.load(m) for m in inputs.members]
+    refs = [ray.put(a) for a in arrays]
+    worker.use_context({"population": refs})
+    before = list(worker.population)
+    changed = arrays[0] + np.ones_like(arrays[0])
+    worker.use_context({"population": [ray.put(changed), *refs[1:]]})
+    assert all(a is b for a, b in zip(worker.population[1:], before[1:], strict=True))
+    assert np.array_equal(worker.population[0].numpy(), changed)
+    assert all(np.array_equal(t.numpy(), a) for t, a in zip(before, arrays, strict=True))
+
+
+def test_dynamic_dealing_and_scored_keeps_match_rebuilds(small_zoo, pools, monkeypatch):
+    """Dealing recipes to whichever worker frees first, and keeping the weights as scored
+    instead of rebuilding them, give the same run as static dealing with rebuilds."""
+    s = EvolverSettings(generations=2, seed=4)
+    pool = pools[2]
+    original = pool.evaluate_recipes
+
+    def no_hint(*args, **kwargs):
+        return original(*args, **{**kwargs, "keep_above": None})
+
+    monkeypatch.setattr(pool, "evaluate_recipes", no_hint)
+    rebuilt, pop_rebuilt, _ = run(small_zoo, pools, s, workers=2, generations=2)
+    monkeypatch.undo()
+    submitted: list[str] = []
+    submit = pool.submit
+    monkeypatch.setattr(pool, "submit", lambda m, *a: submitted.append(m) or submit(m, *a))
+    monkeypatch.setattr(pool, "dealing", "dynamic")
+    dynamic, pop_dynamic, _ = run(small_zoo, pools, s, workers=2, generations=2)
+    assert sum(len(g) for g in dynamic.accepted) > 0  # some keeps happened ...
+    assert "build" not in submitted  # ... none of them rebuilt the offspring
+    assert dynamic.to_dict() == rebuilt.to_dict()
+    assert all(np.array_equal(x, y) for x, y in zip(pop_dynamic, pop_rebuilt, strict=True))
+
+
 def test_resume_matches_uninterrupted_run(small_zoo, pools):
     s = EvolverSettings(generations=3, seed=2)
     full, pop_full, _ = run(small_zoo, pools, s, workers=2, generations=3)
@@ -132,17 +198,20 @@ def crash_once_worker(marker: Path) -> type:
     return CrashOnceWorker
 
 
+@pytest.mark.parametrize(("merger", "dealing"), [("average", "static"), ("none", "dynamic")])
 def test_worker_crash_mid_generation_is_retried_and_nothing_lost(
-    small_zoo, pools, ray_local, tmp_path
+    small_zoo, pools, ray_local, tmp_path, merger, dealing
 ):
     from evoray.runlog import RunLog, read_log
 
-    s = EvolverSettings(generations=2, seed=5, merger="average")
+    s = EvolverSettings(generations=2, seed=5, merger=merger)
     reference, pop_ref, _ = run(small_zoo, pools, s, workers=2, generations=2)
     inputs, spec = inputs_for(small_zoo)
     marker = tmp_path / "crashed"
     # 0.25 CPU each: the module's other pools hold 1.5 of the 2 CPUs
-    crashing = WorkerPool(spec, 2, num_cpus=0.25, worker_cls=crash_once_worker(marker))
+    crashing = WorkerPool(
+        spec, 2, num_cpus=0.25, worker_cls=crash_once_worker(marker), dealing=dealing
+    )
     try:
         log = RunLog(tmp_path / "run", run_id="evolver", strategy="evolver")
         r = evolver_run(s, inputs, crashing, run_log=log)

@@ -9,6 +9,7 @@ through ``ray.util.ActorPool``.
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Sequence
 from typing import Any
 
@@ -21,6 +22,8 @@ from evoray.execution.worker import OffspringWorker, WorkerSpec
 from evoray.strategies.de import Recipe
 from evoray.weights.flat import FlatWeights, to_numpy
 from evoray.weights.layout import Layout
+
+DEALINGS = ("static", "dynamic")
 
 
 class WorkerPool:
@@ -35,9 +38,12 @@ class WorkerPool:
         num_gpus: float = 0,
         max_restarts: int = 3,
         worker_cls: type = OffspringWorker,
+        dealing: str = "static",
     ) -> None:
         if num_workers < 1:
             raise ValueError(f"num_workers must be >= 1, got {num_workers}")
+        if dealing not in DEALINGS:
+            raise ValueError(f"dealing must be one of {DEALINGS}, got {dealing!r}")
         actor = ray.remote(worker_cls).options(
             num_cpus=num_cpus,
             num_gpus=num_gpus,
@@ -45,6 +51,7 @@ class WorkerPool:
             max_task_retries=max_restarts,
         )
         self.spec = spec
+        self.dealing = dealing
         self.actors = [actor.remote(spec) for _ in range(num_workers)]
         self._pool = ActorPool(self.actors)
         self._next = 0
@@ -63,28 +70,48 @@ class WorkerPool:
         merged: bool,
         context: dict[str, ray.ObjectRef | None] | None = None,
         races: Sequence[Any] | None = None,
+        keep_above: Sequence[float | None] | None = None,
     ) -> list[dict]:
-        """Results in recipe order. Recipes are dealt round-robin, one call per worker, with
-        the population passed along (refs: nothing is copied), so a generation costs one round
-        trip per worker; offspring of one generation cost about the same to evaluate.
-        ``context`` refs (base, merged, merger) stay nested so workers fetch them only once.
-        ``races`` (per recipe, ``Race`` or None) travel inside the recipe dicts as ``race``.
-        A worker that dies is restarted by Ray and its call retried (``max_task_retries``);
-        everything it needs comes with the call, so the retry gives the same result."""
-        w = len(self.actors)
-        ctx = dict(context or {})
-        dicts = [
-            r.to_dict() if race is None else {**r.to_dict(), "race": race.to_dict()}
-            for r, race in zip(recipes, races or [None] * len(recipes), strict=True)
-        ]
-        calls = [
-            a.evaluate_batch.remote(dicts[i::w], merged, ctx, *population)
-            for i, a in enumerate(self.actors)
-        ]
-        per_worker = ray.get(calls)
-        out: list[dict] = [{}] * len(recipes)
-        for i, results in enumerate(per_worker):
-            out[i::w] = results
+        """Results in recipe order, whatever the dealing (each depends on its recipe alone).
+
+        ``static`` dealing: round-robin, one call per worker, so a generation costs one round
+        trip per worker; right when offspring cost the same to score. ``dynamic``: one recipe
+        per call, the next to whichever worker frees first, for uneven costs (racing).
+        The population and the ``context`` refs (base, merged, merger) travel nested in the
+        call (nothing is copied), so a worker fetches each only once. ``races`` (per recipe,
+        ``Race`` or None) travel inside the recipe dicts as ``race``, ``keep_above`` (per
+        recipe) likewise: a result whose fitness beats it carries ``weights``, a ref to the
+        offspring as scored (else None). A worker that dies is restarted by Ray and its call
+        retried (``max_task_retries``); everything it needs comes with the call, so the retry
+        gives the same result."""
+        n, w = len(recipes), len(self.actors)
+        # Nested refs: a worker fetches only the slots that changed since its last call.
+        ctx = {**(context or {}), "population": list(population)}
+        dicts = [r.to_dict() for r in recipes]
+        for d, race in zip(dicts, races or [None] * n, strict=True):
+            if race is not None:
+                d["race"] = race.to_dict()
+        for d, above in zip(dicts, keep_above or [None] * n, strict=True):
+            if above is not None:
+                d["keep_above"] = float(above)
+        if self.dealing == "static":
+            chunks = deque(list(range(i, n, w)) for i in range(min(w, n)))
+        else:
+            chunks = deque([i] for i in range(n))
+        out: list[dict] = [{}] * n
+        free = list(range(w))
+        pending: dict[ray.ObjectRef, tuple[int, list[int], list[ray.ObjectRef]]] = {}
+        while chunks or pending:
+            while chunks and free:
+                a, idx = free.pop(0), chunks.popleft()
+                call = self.actors[a].evaluate_batch.options(num_returns=1 + len(idx))
+                refs = call.remote([dicts[i] for i in idx], merged, ctx)
+                pending[refs[0]] = (a, idx, refs[1:])
+            (done,), _ = ray.wait(list(pending), num_returns=1)
+            a, idx, weights = pending.pop(done)
+            free.append(a)
+            for i, res, ref in zip(idx, ray.get(done), weights, strict=True):
+                out[i] = {**res, "weights": ref if res["kept"] else None}
         return out
 
     def evaluate_vectors(self, refs: Sequence[ray.ObjectRef], split: str = "dev") -> list[dict]:

@@ -3,8 +3,10 @@
 The driver holds only object refs: population slots, the base, the merged model and the merger.
 Builds become worker calls (offspring, merges) whose results stay in the object store; scoring
 goes to the workers, one call per worker for a batch of DE offspring, so a generation costs one
-round trip per worker. Every build of a batch reads the population as it was when the batch
-arrived; keeps are applied after its scores and kinships.
+round trip per worker. An offspring that beats its ``keep_above`` comes back with its weights
+(the ones it was scored with), so keeping it costs no rebuild call before the next generation.
+Every build of a batch reads the population as it was when the batch arrived; keeps are
+applied after its scores and kinships.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from evoray.strategies.base import (
     Offspring,
     Score,
 )
+from evoray.strategies.de import Recipe
 from evoray.tasks.pool import TaskPool, ZooTasks
 
 
@@ -105,6 +108,9 @@ class RayPopulation:
         self.base_ref: ray.ObjectRef | None = None
         self.merged_ref: ray.ObjectRef | None = None
         self.merger_ref: ray.ObjectRef | None = None
+        # Offspring as scored in the last batch, by (recipe, population it read): keeping one
+        # reuses these weights instead of rebuilding them on a worker.
+        self._scored: dict[tuple[Recipe, tuple], ray.ObjectRef] = {}
 
     def load(self) -> None:
         """Flat vectors of the base and the members, read by the workers into the store."""
@@ -159,6 +165,8 @@ class RayPopulation:
             self.refs[keep.slot] = ref
         for slot in batch.release:  # the store frees the vector once no ref to it remains
             self.refs[slot] = None
+        if batch.keep:
+            self._scored = {}
         return Answers(scores=scores, kinship=kinship)
 
     def _context(self, merged: ray.ObjectRef | None) -> dict[str, ray.ObjectRef | None]:
@@ -178,7 +186,14 @@ class RayPopulation:
                 merged=in_merge,
                 context=self._context(merged),
                 races=[b.race for b in builds],
+                keep_above=None if in_merge else [b.keep_above for b in builds],
             )
+            key = tuple(pop)
+            self._scored = {
+                (r, key): res["weights"]
+                for r, res in zip(recipes, results, strict=True)
+                if res.get("weights") is not None
+            }
             return [_score(r) for r in results]
         if all(isinstance(b, MethodMerge) for b in builds):
             calls = [
@@ -209,6 +224,9 @@ class RayPopulation:
         if isinstance(build, Merged):
             return merged
         if isinstance(build, Offspring):
+            scored = self._scored.get((build.recipe, tuple(pop)))
+            if scored is not None:
+                return scored
             return self.pool.submit("build", build.recipe.to_dict(), *pop)
         if isinstance(build, MergeAll):
             return self.pool.submit("merge", self.merger_ref, *pop)

@@ -170,6 +170,7 @@ class OffspringWorker:
         self.merger: Any = None
         self.base: torch.Tensor | None = None
         self._context: dict[str, str | None] = {}
+        self._population_refs: list[str | None] = []  # the refs ``population`` came from
         self.node = _node_name()
         self.pid = os.getpid()
 
@@ -178,14 +179,19 @@ class OffspringWorker:
     def set_population(self, *arrays: np.ndarray) -> None:
         """Adopt a population; arrays are read-only zero-copy views of the object store."""
         self.population = [from_numpy(a) for a in arrays]
+        self._population_refs = []
 
     def use_context(self, context: dict[str, Any]) -> None:
         """Adopt the run's shared objects, given as object refs (``base``, ``merged``,
-        ``merger``); each is fetched once and kept until its ref changes. Passing them with
-        every call, rather than setting them once, lets a restarted worker recover them."""
+        ``merger``, and ``population``: a list of refs); each is fetched once and kept until
+        its ref changes. Passing them with every call, rather than setting them once, lets a
+        restarted worker recover them."""
         import ray
 
         for key, ref in context.items():
+            if key == "population":
+                self._use_population(ref)
+                continue
             if ref is None:
                 setattr(self, key, None)
                 self._context[key] = None
@@ -194,6 +200,18 @@ class OffspringWorker:
                 value = ray.get(ref)
                 setattr(self, key, value if key == "merger" else from_numpy(value))
                 self._context[key] = ref.hex()
+
+    def _use_population(self, refs: list[Any]) -> None:
+        """The population as refs: only those not held from the last call are fetched (a
+        generation changes only its accepted slots), in one ``ray.get``."""
+        import ray
+
+        held = dict(zip(self._population_refs, self.population, strict=False))
+        keys = [None if r is None else r.hex() for r in refs]
+        new = {k: r for k, r in zip(keys, refs, strict=True) if k is not None and k not in held}
+        held.update(zip(new, map(from_numpy, ray.get(list(new.values()))), strict=True))
+        self.population = [None if k is None else held[k] for k in keys]  # type: ignore[misc]
+        self._population_refs = keys
 
     # -- work ----------------------------------------------------------------------------------
 
@@ -264,11 +282,25 @@ class OffspringWorker:
 
     def evaluate_batch(
         self, recipes: list[dict], merged: bool, context: dict[str, Any], *population: np.ndarray
-    ) -> list[dict[str, Any]]:
-        """Adopt ``population`` and evaluate several recipes: one round trip per generation."""
+    ) -> tuple[list[dict[str, Any]], ...]:
+        """Adopt ``population`` and evaluate several recipes in one round trip. Returns
+        ``(results, *weights)``, one weights entry per recipe: the offspring as scored (the
+        model's own weights) when its dict carries ``keep_above`` and its fitness is above
+        it, so the strategy's keep needs no rebuild, else None (``results[i]["kept"]``).
+        The population comes as arrays, or as refs in ``context["population"]``."""
         self.use_context(context)
-        self.set_population(*population)
-        return [self.evaluate_recipe(r, merged) for r in recipes]
+        if population or "population" not in context:
+            self.set_population(*population)
+        results: list[dict[str, Any]] = []
+        weights: list[np.ndarray | None] = []
+        for d in recipes:
+            above = d.get("keep_above")
+            r = self.evaluate_recipe({k: v for k, v in d.items() if k != "keep_above"}, merged)
+            kept = above is not None and not merged and r["fitness"] > above
+            # A copy: on the CPU the buffer is the next recipe's model.
+            weights.append(np.array(read_flat(self.segments), copy=True) if kept else None)
+            results.append({**r, "kept": kept})
+        return (results, *weights)
 
     def evaluate_vector(self, flat: np.ndarray, split: str = "dev") -> dict[str, Any]:
         """Score a given flat vector (an initial individual, or the merged model)."""

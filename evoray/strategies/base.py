@@ -41,10 +41,14 @@ class Member:
 @dataclass(frozen=True)
 class Offspring:
     """The DE offspring of ``recipe`` (target, references, F, CR, seed) from the population.
-    ``race``: score it by racing against ``race.must_beat`` (None: on the full dev set)."""
+    ``race``: score it by racing against ``race.must_beat`` (None: on the full dev set).
+    ``keep_above``: a hint that the strategy will keep this offspring if its fitness is
+    strictly above this value, so the worker that scores it returns its weights with the
+    score and keeping it needs no rebuild; it saves a round trip, never changes a result."""
 
     recipe: Recipe
     race: Race | None = None
+    keep_above: float | None = None
 
 
 @dataclass(frozen=True)

@@ -240,7 +240,7 @@ class Evolver(Strategy):
         builds = tuple(
             MergedWith((r,), self._race(state.merged_fitness))
             if s.merger_mode
-            else Offspring(r, self._race(state.fitness[r.target]))
+            else Offspring(r, self._race(state.fitness[r.target]), state.fitness[r.target])
             for r in recipes
         )
         answers = yield Batch(evaluate=builds)
