@@ -210,7 +210,14 @@ def synthetic_fisher(pop: RayPopulation, kind: str, params: dict) -> None:
 
 
 def run_mode(members, tasks, layout, args, merger: str) -> dict:
-    ray.init(num_cpus=max(2, args.workers), include_dashboard=False, log_to_driver=False)
+    model = MemoryModel.for_run(layout, len(members), merger=merger, device=args.device)
+    store = int(model.store_peak_bytes * 1.1) + GIB  # what the formula says, so nothing spills
+    ray.init(
+        num_cpus=max(2, args.workers),
+        object_store_memory=store,
+        include_dashboard=False,
+        log_to_driver=False,
+    )
     try:
         idle = Idle.remote()
         idle_anon = ray.get(idle.anon.remote())
@@ -249,7 +256,6 @@ def run_mode(members, tasks, layout, args, merger: str) -> dict:
         pool.shutdown()
     finally:
         ray.shutdown()
-    model = MemoryModel.for_run(layout, len(members), merger=merger, device=device)
     worker_peak = max(s.anon.values()) - idle_anon
     node = s.store + sum(a - idle_anon for a in s.anon.values())
     return {
@@ -259,13 +265,72 @@ def run_mode(members, tasks, layout, args, merger: str) -> dict:
         "offspring_per_s": len(members) / wall,
         "idle_worker_gib": idle_anon / GIB,
         "worker_peak_gib": worker_peak / GIB,
-        "worker_formula_gib": model.worker_bytes / GIB,
-        "worker_ratio": worker_peak / model.worker_bytes if device == "cpu" else None,
+        "worker_formula_gib": model.worker_bytes(args.workers) / GIB,
+        "worker_ratio": worker_peak / model.worker_bytes(args.workers) if device == "cpu" else None,
         "store_peak_gib": s.store / GIB,
         "store_formula_gib": model.store_peak_bytes / GIB,
         "node_ratio": node / model.node_bytes(args.workers) if device == "cpu" else None,
         "gpu_peak_gib": max(gpu) / GIB,
-        "gpu_ratio": max(gpu) / model.worker_bytes if device == "cuda" else None,
+        "gpu_ratio": max(gpu) / model.device_bytes if device == "cuda" else None,
+        "build_vs_copy": times["copy_s"] / times["build_s"],
+        "build_s": times["build_s"],
+    }
+
+
+def run_in_process(members, tasks, layout, args, merger: str) -> dict:
+    """The same workers without Ray (a GPU machine without it: ``--no-ray``): ``--workers``
+    worker objects in this process on one device, as ``gpus_per_worker: 1/W`` packs them;
+    one generation of recipes dealt round-robin. Measures the device's peak per worker."""
+    from evoray.population.mergers import make_merger
+    from evoray.strategies.de import sample_recipes
+    from evoray.weights.flat import from_numpy
+
+    device = args.device
+    spec = WorkerSpec(
+        members[0], layout, tasks, device=device, torch_threads=1, metric="loglik", batch_size=4
+    )
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    workers = [BenchWorker(spec) for _ in range(args.workers)]
+    pop = [workers[0].load(m) for m in members]
+    for w in workers:
+        w.set_population(*pop)
+    if merger != "none":
+        g = torch.Generator().manual_seed(0)
+        stats = [{s.name: torch.rand(s.shape, generator=g) for s in layout.slots} for _ in members]
+        m = make_merger(merger, layout, len(members), fishers=stats)
+        del stats
+        merged = m.merge([from_numpy(a) for a in pop])
+        for w in workers:
+            w.merger, w.merged = m, merged
+    recipes = sample_recipes(len(members), F=0.5, CR=0.5, mutation="evolver", seed=0, generation=0)
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    sync()
+    t0 = time.perf_counter()
+    results = [
+        workers[i % len(workers)].evaluate_recipe(r, merged=merger != "none")
+        for i, r in enumerate(recipes)
+    ]
+    sync()
+    wall = time.perf_counter() - t0
+    times = workers[0].time_build(Recipe(0, (1,), 0.5, 0.5, 7).to_dict())
+    peak = torch.cuda.max_memory_allocated() / len(workers) if device == "cuda" else 0
+    model = MemoryModel.for_run(layout, len(members), merger=merger, device=device)
+    return {
+        "merger": merger,
+        "wall_s": wall,
+        "start_s": 0.0,
+        "offspring_per_s": len(recipes) / wall,
+        "build_s_per_offspring": sum(r["build_time_s"] for r in results) / len(results),
+        "idle_worker_gib": 0.0,
+        "worker_peak_gib": peak / GIB,
+        "worker_formula_gib": model.device_bytes / GIB,
+        "worker_ratio": None,
+        "store_peak_gib": 0.0,
+        "store_formula_gib": model.store_peak_bytes / GIB,
+        "node_ratio": None,
+        "gpu_peak_gib": peak / GIB,
+        "gpu_ratio": peak / model.device_bytes if device == "cuda" else None,
         "build_vs_copy": times["copy_s"] / times["build_s"],
         "build_s": times["build_s"],
     }
@@ -279,6 +344,9 @@ def main() -> None:
     ap.add_argument("--gpus-per-worker", type=float, default=0.25)
     ap.add_argument("--modes", default="none,fisher", help="Evolver mergers to run")
     ap.add_argument("--dir", default=None, help="where to write the members (default: a temp dir)")
+    ap.add_argument(
+        "--no-ray", action="store_true", help="workers in this process (a GPU machine without Ray)"
+    )
     args = ap.parse_args()
     size = "quick" if args.quick else "1b"
     with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
@@ -296,7 +364,8 @@ def main() -> None:
             f"{time.perf_counter() - t0:.0f} s",
             flush=True,
         )
-        results = [run_mode(members, tasks, layout, args, m) for m in args.modes.split(",")]
+        run = run_in_process if args.no_ray else run_mode
+        results = [run(members, tasks, layout, args, m) for m in args.modes.split(",")]
     for r in results:
         print(
             f"merger={r['merger']:7s} {r['wall_s']:6.1f} s/gen  worker peak "

@@ -67,7 +67,6 @@ class ExecutionSpec:
                     "use a whole number"
                 )
 
-
     @property
     def devices_per_worker(self) -> int:
         """GPUs one worker spreads its model over: ``gpus_per_worker`` when 2 or more; a

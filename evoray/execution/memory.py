@@ -19,9 +19,12 @@ values per element of one range (one chunk; for RegMean a linear weight is never
 ``max(C, largest linear weight)``, and one ``d x d`` float32 coefficient matrix), plus the
 evaluation's activations (batch-dependent, not modelled) and the process's runtime (Python,
 torch, transformers: measured, not modelled). In merger mode the worker that updates the merge
-(once per generation) also holds the float32 merged vector, ``4 * P``, while returning it. A
-GPU worker also reads the checkpoint into host memory once at start, one tensor at a time into
-the device.
+(once per generation) also holds the float32 merged vector, ``4 * P``, while returning it; in
+individual mode, for models up to 1 GiB (``execution.population.KEEP_SCORED_MAX_BYTES``), a
+worker returns the offspring that beat their parents as scored (instead of a rebuild call),
+holding up to ``ceil(N / W) * P * s`` of host copies (``W`` workers) while its call returns.
+These two are host memory; on a GPU worker the device holds model + scratch. A GPU worker
+also reads the checkpoint into host memory once at start, one tensor at a time into the device.
 """
 
 from __future__ import annotations
@@ -136,16 +139,36 @@ class MemoryModel:
         return 4 * self.elements if self.merger != "none" else 0
 
     @property
-    def worker_bytes(self) -> int:
-        """One worker's peak: model, build scratch and, in merger mode, the merged vector it
-        may compute (activations and the runtime not included)."""
-        return self.model_bytes + self.scratch_bytes + self.merge_output_bytes
+    def device_bytes(self) -> int:
+        """What a GPU worker's device holds: its model and the build scratch."""
+        return self.model_bytes + self.scratch_bytes
+
+    def kept_bytes(self, workers: int) -> int:
+        """Individual mode: offspring that beat their parent go back to the store as scored
+        (no rebuild call), so a worker holds host copies of its call's kept offspring, at
+        most ``ceil(N / workers)``, while the call returns."""
+        from evoray.execution.population import KEEP_SCORED_MAX_BYTES
+
+        if self.merger != "none" or self.model_bytes > KEEP_SCORED_MAX_BYTES:
+            return 0
+        return -(-self.members // workers) * self.model_bytes
+
+    def worker_bytes(self, workers: int = 1) -> int:
+        """One worker's peak when ``workers`` share a generation: model, build scratch, its
+        kept offspring (individual mode) or the merged vector it may compute (merger mode);
+        activations and the runtime not included."""
+        return (
+            self.model_bytes
+            + self.scratch_bytes
+            + self.merge_output_bytes
+            + self.kept_bytes(workers)
+        )
 
     def node_bytes(self, workers: int) -> int:
         """A node with ``workers`` workers: its store (with keeps) and their models."""
-        return self.store_peak_bytes + workers * self.worker_bytes
+        return self.store_peak_bytes + workers * self.worker_bytes(workers)
 
-    def summary(self, workers_per_node: int) -> str:
+    def summary(self, workers: int, workers_per_node: int) -> str:
         """One line for the run's start: the estimate in GiB."""
 
         def g(b: int) -> str:
@@ -154,8 +177,9 @@ class MemoryModel:
         return (
             f"memory estimate: object store {g(self.store_bytes)} GiB per node "
             f"(+{g(self.population_bytes)} while a generation's keeps are written), "
-            f"{g(self.worker_bytes)} GiB per worker on its device "
-            f"(model {g(self.model_bytes)} + scratch {g(self.scratch_bytes)}), "
+            f"{g(self.worker_bytes(workers))} GiB per worker "
+            f"(model {g(self.model_bytes)} on its device + scratch {g(self.scratch_bytes)}"
+            f" + kept/merged {g(self.worker_bytes(workers) - self.device_bytes)} on the host), "
             f"{workers_per_node} worker(s) per node"
         )
 

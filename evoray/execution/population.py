@@ -4,7 +4,9 @@ The driver holds only object refs: population slots, the base, the merged model 
 Builds become worker calls (offspring, merges) whose results stay in the object store; scoring
 goes to the workers, one call per worker for a batch of DE offspring, so a generation costs one
 round trip per worker. An offspring that beats its ``keep_above`` comes back with its weights
-(the ones it was scored with), so keeping it costs no rebuild call before the next generation.
+(the ones it was scored with), so keeping it costs no rebuild call before the next generation;
+only for models up to ``KEEP_SCORED_MAX_BYTES``, since a worker holds those copies until its
+call returns (larger models are rebuilt by a ``build`` call, seconds against their evaluation).
 Every build of a batch reads the population as it was when the batch arrived; keeps are
 applied after its scores and kinships.
 """
@@ -97,6 +99,10 @@ def compute_statistics(
     return member_statistics(kind, models, model_path, tasks, task_names, n, cache_dir)
 
 
+#: Largest model whose scored offspring workers return as they are (see the module docstring).
+KEEP_SCORED_MAX_BYTES = 1 << 30
+
+
 class RayPopulation:
     """Population slots as object refs, answered by a ``WorkerPool``."""
 
@@ -186,7 +192,9 @@ class RayPopulation:
                 merged=in_merge,
                 context=self._context(merged),
                 races=[b.race for b in builds],
-                keep_above=None if in_merge else [b.keep_above for b in builds],
+                keep_above=None
+                if in_merge or self.layout.nbytes > KEEP_SCORED_MAX_BYTES
+                else [b.keep_above for b in builds],
             )
             key = tuple(pop)
             self._scored = {

@@ -254,7 +254,7 @@ def check_memory(config: RunConfig, shared: Shared, *, progress: bool = True) ->
     nodes = [n for n in ray.nodes() if n.get("Alive") and n["Resources"].get("CPU", 0) > 0]
     per_node = -(-ex.num_workers // max(1, len(nodes)))
     if progress:
-        print(model.summary(per_node), flush=True)
+        print(model.summary(ex.num_workers, per_node), flush=True)
     smallest = min((n["Resources"].get("object_store_memory", 0.0) for n in nodes), default=0.0)
     if 0 < smallest < model.store_peak_bytes:
         log.warning(

@@ -297,10 +297,16 @@ class OffspringWorker:
             above = d.get("keep_above")
             r = self.evaluate_recipe({k: v for k, v in d.items() if k != "keep_above"}, merged)
             kept = above is not None and not merged and r["fitness"] > above
-            # A copy: on the CPU the buffer is the next recipe's model.
-            weights.append(np.array(read_flat(self.segments), copy=True) if kept else None)
+            weights.append(self._copy_weights() if kept else None)
             results.append({**r, "kept": kept})
         return (results, *weights)
+
+    def _copy_weights(self) -> np.ndarray:
+        """The model's weights as a host array of their own (on a CPU the buffer is the next
+        recipe's model; from a GPU ``read_flat`` already copies)."""
+        flat = read_flat(self.segments)
+        on_host = all(s.device.type == "cpu" for s in self.segments)
+        return np.array(flat, copy=True) if on_host and len(self.segments) == 1 else flat
 
     def evaluate_vector(self, flat: np.ndarray, split: str = "dev") -> dict[str, Any]:
         """Score a given flat vector (an initial individual, or the merged model)."""
