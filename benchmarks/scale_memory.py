@@ -33,6 +33,7 @@ import re
 import tempfile
 import threading
 import time
+from collections.abc import Mapping
 from pathlib import Path
 
 import ray
@@ -53,6 +54,7 @@ from evoray.weights.layout import Layout
 
 SIZES = {  # hidden, intermediate, layers, heads, kv heads, vocab
     "1b": (2048, 5632, 20, 16, 4, 32000),
+    "half": (1536, 4096, 16, 12, 4, 32000),
     "quick": (512, 1408, 6, 8, 2, 8000),
 }
 TEXTS = [
@@ -157,6 +159,16 @@ class Idle:
         return rss_anon()
 
 
+def _trim() -> None:
+    """Give the members' generation heap back to the OS (the driver is not what's measured)."""
+    import ctypes
+    import gc
+
+    gc.collect()
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None).malloc_trim(0)
+
+
 def plasma_bytes() -> int:
     """Bytes in this node's object store now (Ray's own memory summary)."""
     from ray._private.internal_api import memory_summary
@@ -197,15 +209,35 @@ class Sampler:
         self.store = max(self.store, plasma_bytes())
 
 
+class _LazyFisher(Mapping):
+    """One member's synthetic Fisher, drawn per tensor when the merger asks for it (seeded by
+    member and tensor), so the driver never holds four models' worth of statistics."""
+
+    def __init__(self, layout: Layout, i: int) -> None:
+        self.shapes = {s.name: s.shape for s in layout.slots}
+        self.i = i
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        g = torch.Generator().manual_seed(self.i * 100_003 + sorted(self.shapes).index(name))
+        return torch.rand(self.shapes[name], generator=g)
+
+    def __iter__(self):
+        return iter(self.shapes)
+
+    def __len__(self) -> int:
+        return len(self.shapes)
+
+
+def lazy_fishers(layout: Layout, n: int) -> list[_LazyFisher]:
+    return [_LazyFisher(layout, i) for i in range(n)]
+
+
 def synthetic_fisher(pop: RayPopulation, kind: str, params: dict) -> None:
     """``make_merger`` with random positive Fisher values per tensor (see the docstring)."""
     from evoray.population.mergers import make_merger
 
     layout, n = pop.layout, len(pop.inputs.members)
-    g = torch.Generator().manual_seed(0)
-    stats = [{s.name: torch.rand(s.shape, generator=g) for s in layout.slots} for _ in range(n)]
-    merger = make_merger(kind, layout, n, fishers=stats, **params)
-    del stats
+    merger = make_merger(kind, layout, n, fishers=lazy_fishers(layout, n), **params)
     pop.merger_ref = ray.put(merger)
 
 
@@ -336,9 +368,26 @@ def run_in_process(members, tasks, layout, args, merger: str) -> dict:
     }
 
 
+def _available_bytes() -> int:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="~25M parameters instead of ~1B")
+    ap.add_argument(
+        "--size",
+        choices=sorted(SIZES),
+        default=None,
+        help="1b (default), half (~0.5B: fits a 24 GiB machine), quick",
+    )
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     ap.add_argument("--gpus-per-worker", type=float, default=0.25)
@@ -348,11 +397,29 @@ def main() -> None:
         "--no-ray", action="store_true", help="workers in this process (a GPU machine without Ray)"
     )
     args = ap.parse_args()
-    size = "quick" if args.quick else "1b"
+    size = args.size or ("quick" if args.quick else "1b")
+    hidden, inter, layers, _, kv, vocab = SIZES[size]
+    params = 2 * vocab * hidden + layers * (
+        2 * hidden * hidden + 2 * hidden * kv * hidden // SIZES[size][3] + 3 * hidden * inter
+    )
+    need = (
+        max(
+            MemoryModel(params, 2, 4, vocab * hidden, 1 << 18, merger=m).node_bytes(args.workers)
+            for m in args.modes.split(",")
+        )
+        + (args.workers + 1) * GIB // 2
+    )  # runtimes and the driver
+    have = _available_bytes()
+    if args.device == "cpu" and have and need > have:
+        raise SystemExit(
+            f"--size {size}: the memory model needs {need / GIB:.1f} GiB on this node but "
+            f"{have / GIB:.1f} GiB are available; use --size half or --quick"
+        )
     with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
         root = Path(tmp)
         t0 = time.perf_counter()
         members = make_members(root, size)
+        _trim()
         data = root / "dev.jsonl"
         data.write_text("".join(json.dumps({"text": t}) + "\n" for t in TEXTS))
         tasks = make_task_pool([{"name": "text", "kind": "text", "data": {"dev": str(data)}}])
