@@ -224,3 +224,29 @@ def test_models_and_slices_together_are_refused():
         MergeConfig.from_dict(
             {"merge_method": "linear", "models": ["a"], "slices": [{"sources": [src("a", (0, 1))]}]}
         )
+
+
+def test_more_workers_than_a_generation_has_offspring_is_a_warning(caplog):
+    """Workers beyond offspring_per_member x N would sit reserved and idle."""
+    import logging
+
+    from evoray.config.run_config import RunConfig
+    from evoray.execution.tune_runner import _warn_idle_workers
+
+    def config(workers: int, k: int) -> RunConfig:
+        return RunConfig.from_dict(
+            {
+                "models": {"zoo": {}},
+                "evolver": {"offspring_per_member": k},
+                "execution": {"num_workers": workers},
+            },
+            source="r.yml",
+        )
+
+    with caplog.at_level(logging.WARNING):
+        _warn_idle_workers(config(8, 1), members=4)
+    assert "4 workers idle" in caplog.text and "offspring_per_member" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        _warn_idle_workers(config(8, 2), members=4)
+    assert caplog.text == ""

@@ -326,3 +326,41 @@ def test_registry_resolves_every_strategy_and_rejects_unknown_names():
         assert set(cls.searchable) <= set(cls.settings_cls.__dataclass_fields__)
     with pytest.raises(ConfigError, match="evolver"):
         get_strategy("magic")
+
+
+@pytest.mark.parametrize("merger", ["none", "average"])
+def test_several_offspring_per_member_compete_and_one_replaces_each(merger):
+    """offspring_per_member: k recipes per individual (k x N builds to score, so more workers
+    than members are busy); at most one of them replaces each individual, its best."""
+    pop = population()
+    s = EvolverSettings(generations=3, seed=4, merger=merger, offspring_per_member=3)
+    ev = Evolver(s, problem(pop))
+    merger_spec = ev.merger()
+    if merger_spec is not None:
+        pop.merger = make_merger(merger_spec[0], LAYOUT, len(pop.members), **merger_spec[1])
+    for batch in ev.replay():  # the merged model, in merger mode
+        pop.execute(batch)
+    drive(ev.setup(), pop.execute)
+    for _ in range(3):
+        gen = drive(ev.generation(), pop.execute)
+        assert len(gen.rows) == 12
+        targets = [row.individual for row, _ in gen.rows if row.accepted]
+        assert len(targets) == len(set(targets))
+        for row, res in gen.rows:  # an accepted offspring is its individual's best
+            if row.accepted:
+                mine = [r.fitness for w, r in gen.rows if w.individual == row.individual]
+                assert res.fitness == max(mine)
+    assert ev.evaluations == 4 + 12 * 3 + (merger != "none")
+    if merger == "none":
+        assert ev.state.fitness == [pytest.approx(pop.fitness(m)) for m in pop.members]
+
+
+def test_one_offspring_per_member_is_the_default_recipe_stream():
+    from evoray.strategies.de import sample_recipes
+
+    one = sample_recipes(5, F=0.5, CR=0.5, mutation="rand1", seed=3, generation=2)
+    three = sample_recipes(
+        5, F=0.5, CR=0.5, mutation="rand1", seed=3, generation=2, per_individual=3
+    )
+    assert [r.target for r in three] == [i for i in range(5) for _ in range(3)]
+    assert three[::3] == one and len(set(three)) == 15

@@ -235,6 +235,27 @@ def save_vector(
     )
 
 
+def _warn_idle_workers(config: RunConfig, members: int) -> None:
+    """An Evolver generation has ``offspring_per_member x N`` builds to score: workers beyond
+    that wait (reserved, idle)."""
+    if config.strategy != "evolver":
+        return
+    k = config.settings.get("offspring_per_member", 1)
+    busy = members * (k if isinstance(k, int) else 1)
+    if config.execution.num_workers > busy:
+        log.warning(
+            "%s: execution.num_workers is %d but a generation scores %d offspring "
+            "(%d members x evolver.offspring_per_member %d), so %d workers idle; raise "
+            "evolver.offspring_per_member or lower execution.num_workers",
+            config.source,
+            config.execution.num_workers,
+            busy,
+            members,
+            busy // members,
+            config.execution.num_workers - busy,
+        )
+
+
 def check_memory(config: RunConfig, shared: Shared, *, progress: bool = True) -> None:
     """Print the run's memory estimate (``evoray.execution.memory``) and warn when it exceeds
     a node's object store, where Ray would spill the population to disk (slow, not fatal)."""
@@ -294,6 +315,7 @@ def run_search(
     # Workers read the members, data and run dir on their own nodes: check them there now.
     check_paths_on_nodes(config_paths(config, shared.inputs.models), source=config.source)
     check_memory(config, shared, progress=progress)
+    _warn_idle_workers(config, len(shared.inputs.members))
     # The trial itself only waits on workers: an empty head bundle, so 2 workers fit 2 CPUs.
     bundles = [{}] + [
         {"CPU": ex.cpus_per_worker, **({"GPU": ex.gpus_per_worker} if ex.gpus_per_worker else {})}

@@ -57,20 +57,34 @@ class Recipe:
 
 
 def sample_recipes(
-    pop_size: int, *, F: float, CR: float, mutation: str, seed: int, generation: int
+    pop_size: int,
+    *,
+    F: float,
+    CR: float,
+    mutation: str,
+    seed: int,
+    generation: int,
+    per_individual: int = 1,
 ) -> list[Recipe]:
-    """One recipe per individual for one generation, determined by (seed, generation) alone."""
+    """``per_individual`` recipes per individual for one generation (individual 0's first,
+    then 1's, ...), determined by (seed, generation) alone; the first of each individual's
+    are the recipes of ``per_individual=1``."""
     if mutation not in MUTATIONS:
         raise ValueError(f"mutation must be one of {MUTATIONS}, got {mutation!r}")
+    if per_individual < 1:
+        raise ValueError(f"per_individual must be >= 1, got {per_individual}")
     need = 1 if mutation == "evolver" else 3
     if pop_size < need + 1:
         raise ValueError(f"mutation {mutation!r} needs a population of at least {need + 1}")
     rng = random.Random(f"recipes/{seed}/{generation}")
+    extra = random.Random(f"recipes/{seed}/{generation}/extra")
     recipes = []
     for i in range(pop_size):
         others = [j for j in range(pop_size) if j != i]
-        refs = tuple(rng.sample(others, need))
-        recipes.append(Recipe(i, refs, F, CR, rng.getrandbits(63), mutation))
+        for k in range(per_individual):
+            r = rng if k == 0 else extra
+            refs = tuple(r.sample(others, need))
+            recipes.append(Recipe(i, refs, F, CR, r.getrandbits(63), mutation))
     return recipes
 
 

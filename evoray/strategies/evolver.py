@@ -64,6 +64,9 @@ class EvolverSettings:
     racing: bool = False
     racing_confidence: float = 0.95
     racing_first: float = 0.25
+    # Offspring bred per individual per generation (the best one competes with its parent):
+    # more than one keeps more workers busy than there are members.
+    offspring_per_member: int = 1
 
     def __post_init__(self) -> None:
         if not 0.0 < self.racing_confidence <= 1.0:
@@ -72,6 +75,10 @@ class EvolverSettings:
             )
         if not 0.0 < self.racing_first <= 1.0:
             raise ValueError(f"evolver.racing_first must be in (0, 1], got {self.racing_first}")
+        if self.offspring_per_member < 1:
+            raise ValueError(
+                f"evolver.offspring_per_member must be >= 1, got {self.offspring_per_member}"
+            )
         if self.mutation not in MUTATIONS:
             raise ValueError(f"evolver.mutation must be one of {MUTATIONS}, got {self.mutation!r}")
         if self.merger not in MERGERS:
@@ -121,6 +128,7 @@ class EvolverState:
             mutation=s.mutation,
             seed=s.seed,
             generation=self.generation,
+            per_individual=s.offspring_per_member,
         )
 
     @property
@@ -159,14 +167,26 @@ class EvolverState:
         )
 
 
+def best_per_target(trials: Sequence[Trial]) -> list[Trial]:
+    """Each individual's best trial (the first on ties), in target order: with several
+    offspring per individual only one can replace it."""
+    best: dict[int, Trial] = {}
+    for t in trials:
+        held = best.get(t.recipe.target)
+        if held is None or t.fitness > held.fitness:
+            best[t.recipe.target] = t
+    return [best[k] for k in sorted(best)]
+
+
 def select_individuals(fitness: Sequence[float], trials: Sequence[Trial]) -> list[Trial]:
-    """Individual mode: trials strictly better than their own parent."""
-    return [t for t in trials if t.fitness > fitness[t.recipe.target]]
+    """Individual mode: each individual's best trial, when strictly better than its parent."""
+    return [t for t in best_per_target(trials) if t.fitness > fitness[t.recipe.target]]
 
 
 def improving_merges(merged_fitness: float, trials: Sequence[Trial]) -> list[Trial]:
-    """Merger mode: trials whose merge beats the current merged model, best first."""
-    better = [t for t in trials if t.fitness > merged_fitness]
+    """Merger mode: trials whose merge beats the current merged model, best first, at most
+    one per individual (two offspring of one individual cannot both take its place)."""
+    better = [t for t in best_per_target(trials) if t.fitness > merged_fitness]
     return sorted(better, key=lambda t: (-t.fitness, t.recipe.target))
 
 
@@ -264,13 +284,10 @@ class Evolver(Strategy):
                 state.fitness[t.recipe.target] = t.fitness
         if chosen:
             yield Batch(keep=self._keeps([t.recipe for t in chosen]))
-        accepted = {t.recipe.target for t in chosen}
+        accepted = {t.recipe for t in chosen}
         state.accepted.append([t.recipe.to_dict() for t in chosen])
         state.generation += 1
-        rows = [
-            (self._row(r, r.target in accepted), res)
-            for r, res in zip(recipes, results, strict=True)
-        ]
+        rows = [(self._row(r, r in accepted), res) for r, res in zip(recipes, results, strict=True)]
         return Generation(
             metrics={
                 "generation": state.generation,
@@ -315,8 +332,8 @@ class Evolver(Strategy):
 
     @property
     def evaluations(self) -> int:
-        n = self.state.pop_size
-        return n * (self.state.generation + 1) + (1 if self.settings.merger_mode else 0)
+        n, k = self.state.pop_size, self.settings.offspring_per_member
+        return n + n * k * self.state.generation + (1 if self.settings.merger_mode else 0)
 
     # -- how reports show it -------------------------------------------------------------------
 
