@@ -99,3 +99,15 @@ def test_an_offspring_built_into_the_model_needs_only_scratch():
     with AnonPeak() as peak:
         build_offspring(Recipe(0, (1,), 0.5, 0.5, 3), pop, out)
     assert peak.increase() <= model.scratch_bytes, (peak.increase(), model.scratch_bytes)
+
+
+def test_the_run_start_line_reads_in_sensible_units():
+    from evoray.execution.memory import human_bytes
+
+    assert human_bytes(0) == "0 B" and human_bytes(1536) == "1.5 KiB"
+    assert human_bytes(3 * 1024**3) == "3 GiB"
+    layout = _layout(torch.bfloat16, layers=2, d=64)
+    line = MemoryModel.for_run(layout, 4, merger="fisher").summary(2, 1)
+    assert (
+        "object store 161 KiB per node (+64.5 KiB while" in line and "1 worker(s) per node" in line
+    )

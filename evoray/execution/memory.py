@@ -171,17 +171,23 @@ class MemoryModel:
     def summary(self, workers: int, workers_per_node: int) -> str:
         """One line for the run's start: the estimate in GiB."""
 
-        def g(b: int) -> str:
-            return f"{b / GIB:.2f}"
-
+        g = human_bytes
         return (
-            f"memory estimate: object store {g(self.store_bytes)} GiB per node "
+            f"memory estimate: object store {g(self.store_bytes)} per node "
             f"(+{g(self.population_bytes)} while a generation's keeps are written), "
-            f"{g(self.worker_bytes(workers))} GiB per worker "
+            f"{g(self.worker_bytes(workers))} per worker "
             f"(model {g(self.model_bytes)} on its device + scratch {g(self.scratch_bytes)}"
             f" + kept/merged {g(self.worker_bytes(workers) - self.device_bytes)} on the host), "
             f"{workers_per_node} worker(s) per node"
         )
+
+
+def human_bytes(b: float) -> str:
+    """``1.50 GiB``, ``12.0 MiB``, ``0 B``: the unit that keeps the number readable."""
+    for unit, size in (("TiB", 1024**4), ("GiB", GIB), ("MiB", 1024**2), ("KiB", 1024)):
+        if b >= size:
+            return f"{b / size:.3g} {unit}"
+    return f"{b:.0f} B"
 
 
 def rss_anon(pid: int | str = "self") -> int:
