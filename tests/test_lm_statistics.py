@@ -201,3 +201,25 @@ def test_gpt2_conv1d_grams_and_regmean_merge(tmp_path: Path) -> None:
     diff = flats[1].as_tensor() - flats[0].as_tensor()
     merger.apply_delta(inc, 0, diff)
     torch.testing.assert_close(inc, merger.merge([flats[1].as_tensor()] * 2), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["fisher", "regmean"])
+@pytest.mark.parametrize("arch", ["llama-tied", "gpt2"])
+def test_a_worker_computes_a_members_statistics_on_its_own_model(tmp_path: Path, kind, arch):
+    """Given the member's vector, the worker writes it into its own model and computes the
+    statistics there (no second model on its device): the same as loading the member."""
+    from evoray.execution.population import member_statistics
+    from evoray.execution.worker import OffspringWorker, WorkerSpec
+    from evoray.models.pool import ModelPool
+    from tests.lm_fixtures import TextLogLik
+
+    a = str(make_model(tmp_path / "a", arch, seed=0))
+    b = str(make_model(tmp_path / "b", arch, seed=0, noise=0.05))
+    models = ModelPool((a, b))
+    tasks = TextLogLik()
+    worker = OffspringWorker(WorkerSpec(a, models.layout(), tasks, metric="loglik"))
+    own = worker.statistics(kind, models, b, None, 4, None, worker.load(b))
+    fresh = member_statistics(kind, models, b, tasks, None, 4, None)
+    assert own.keys() == fresh.keys()
+    for name in fresh:
+        torch.testing.assert_close(own[name], fresh[name], rtol=1e-5, atol=1e-7, msg=name)

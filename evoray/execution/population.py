@@ -13,7 +13,7 @@ applied after its scores and kinships.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -65,14 +65,20 @@ def member_statistics(
     n: int,
     cache_dir: str | None,
     device: str = "cpu",
+    load: Callable[[], tuple[Any, Any]] | None = None,
 ) -> dict:
     """Fisher diagonals or RegMean Grams of one member on its training data (cached on disk),
-    computed on ``device`` (a worker's: statistics of a causal LM want its GPU)."""
+    computed on ``device`` (a worker's: statistics of a causal LM want its GPU). ``load``
+    gives the (model, tokenizer) to use instead of loading the member (a worker's own model
+    holding the member's weights: no second model on its device)."""
     from evoray.population.statistics import cached_statistics, fisher_diagonal, regmean_grams
 
     def compute() -> dict:
-        model, tok = models.load(model_path)
-        model = model.to(device)
+        if load is not None:
+            model, tok = load()
+        else:
+            model, tok = models.load(model_path)
+            model = model.to(device)
         split = tasks.train_batch(tok, task_names, n)
         if kind == "fisher":
             return fisher_diagonal(model, split)
@@ -145,8 +151,9 @@ class RayPopulation:
                         None if t is None else [t],
                         inp.stats_examples,
                         inp.cache_dir,
+                        ref,  # the member's vector: the worker computes on its own model
                     )
-                    for m, t in zip(inp.members, tasks, strict=True)
+                    for m, t, ref in zip(inp.members, tasks, self.refs, strict=True)
                 ]
             )
             key = "fishers" if kind == "fisher" else "grams"

@@ -358,13 +358,29 @@ class OffspringWorker:
         task_names: list[str] | None,
         n: int,
         cache_dir: str | None,
+        member: np.ndarray | None = None,
     ) -> dict[str, torch.Tensor]:
         """Fisher or RegMean statistics of one member (``models``: the run's ``ModelPool``)
-        on this worker's device, from the run's tasks' training data; CPU tensors back."""
+        on this worker's device, from the run's tasks' training data; CPU tensors back.
+        Given the member's flat vector, its weights are written into this worker's own model
+        (every member has the layout) and the statistics computed there, so the device never
+        holds a second model; the next build overwrites them."""
         from evoray.execution.population import member_statistics
 
+        def own_model() -> tuple[Any, Any]:
+            write_flat(self.segments, from_numpy(member))
+            return self.model, self._tokenizer
+
         return member_statistics(
-            kind, models, model_path, self.spec.tasks, task_names, n, cache_dir, str(self.device)
+            kind,
+            models,
+            model_path,
+            self.spec.tasks,
+            task_names,
+            n,
+            cache_dir,
+            str(self.device),
+            load=None if member is None else own_model,
         )
 
     def build(self, recipe: dict, *population: np.ndarray) -> np.ndarray:
