@@ -98,7 +98,8 @@ def fisher_diagonal(
     n = _rows(split, n_examples)
     device = _device(model)
     params = list(model.parameters())
-    acc = [torch.zeros(p.shape, dtype=torch.float32, device=device) for p in params]
+    # On each parameter's own device: a model spread over several GPUs has several.
+    acc = [torch.zeros(p.shape, dtype=torch.float32, device=p.device) for p in params]
     was_training = model.training
     requires = [p.requires_grad for p in params]
     model.eval()
@@ -191,7 +192,8 @@ def causal_lm_fisher(
     n = _rows(split, n_examples)
     device = _device(model)
     params = list(model.parameters())
-    acc = [torch.zeros(p.shape, dtype=torch.float32, device=device) for p in params]
+    # On each parameter's own device: a model spread over several GPUs has several.
+    acc = [torch.zeros(p.shape, dtype=torch.float32, device=p.device) for p in params]
     was_training = model.training
     requires = [p.requires_grad for p in params]
     model.eval()
