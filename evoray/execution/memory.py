@@ -135,8 +135,8 @@ class MemoryModel:
     @property
     def merge_output_bytes(self) -> int:
         """Merger mode: the float32 merged vector a worker computes (once per generation,
-        on one worker) and returns to the store."""
-        return 4 * self.elements if self.merger != "none" else 0
+        on one worker) and returns to the store: the size of ``merged_bytes``."""
+        return self.merged_bytes
 
     @property
     def device_bytes(self) -> int:

@@ -114,7 +114,8 @@ class _LinearMerger:
         self._check_vector(diff, "the difference u - theta_i")
 
     def ranges(self, chunk: int = CHUNK) -> list[tuple[int, int]]:
-        return tensor_ranges(self.layout, chunk)
+        n = self.layout.numel  # elementwise mergers: any cut will do (RegMean overrides)
+        return [(s, min(n, s + chunk)) for s in range(0, n, chunk)]
 
     def add_range(self, out: Tensor, i: int, t: Tensor, start: int, stop: int) -> None:
         raise NotImplementedError
@@ -133,16 +134,14 @@ class _LinearMerger:
             self.add_range(merged[start:stop], i, diff[start:stop].float(), start, stop)
 
 
-def tensor_ranges(
-    layout: Layout, chunk: int, whole: set[str] | None = None
-) -> list[tuple[int, int]]:
+def tensor_ranges(layout: Layout, chunk: int, whole: set[str]) -> list[tuple[int, int]]:
     """The layout cut into runs of at most ``chunk`` elements, except that a tensor named in
-    ``whole`` (default: every tensor) is never cut: one larger than ``chunk`` is a run of
-    its own. Other tensors are cut anywhere."""
+    ``whole`` is never cut: one larger than ``chunk`` is a run of its own. Other tensors are
+    cut anywhere."""
     out: list[tuple[int, int]] = []
     for s in layout.slots:
         lo, hi = s.offset, s.offset + s.numel
-        if whole is not None and s.name not in whole:
+        if s.name not in whole:
             while lo < hi:  # elementwise here: fill the open run, then chunk-sized runs
                 if out and out[-1][1] == lo and out[-1][1] - out[-1][0] < chunk:
                     step = min(hi, out[-1][0] + chunk)
@@ -162,10 +161,6 @@ class AverageMerger(_LinearMerger):
     """Simple averaging: ``A_i = 1/N``."""
 
     name = "average"
-
-    def ranges(self, chunk: int = CHUNK) -> list[tuple[int, int]]:
-        n = self.layout.numel  # elementwise: any cut will do
-        return [(s, min(n, s + chunk)) for s in range(0, n, chunk)]
 
     def add_range(self, out: Tensor, i: int, t: Tensor, start: int, stop: int) -> None:
         out.add_(t, alpha=1.0 / self.n)
@@ -226,10 +221,6 @@ class FisherMerger(_LinearMerger):
             total = w.sum(0)
             coef = torch.where(total > 0, w / total, torch.full_like(w, 1.0 / self.n))
             self.coef[:, slot.offset : slot.offset + slot.numel] = coef.numpy()
-
-    def ranges(self, chunk: int = CHUNK) -> list[tuple[int, int]]:
-        n = self.layout.numel  # elementwise: any cut will do
-        return [(s, min(n, s + chunk)) for s in range(0, n, chunk)]
 
     def add_range(self, out: Tensor, i: int, t: Tensor, start: int, stop: int) -> None:
         c = from_numpy(self.coef[i, start:stop]).to(out.device).to(torch.float32)
