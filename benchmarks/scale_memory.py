@@ -65,11 +65,9 @@ TEXTS = [
 ]
 
 
-def make_members(root: Path, size: str, n: int = 4) -> list[str]:
-    """``n`` Llama-shaped bf16 checkpoints with independent random weights, one tokenizer."""
-    from safetensors.torch import save_file
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import LlamaConfig, PreTrainedTokenizerFast
+def llama_shapes(size: str):
+    """The config of ``size`` and its tensors' shapes (a meta-device model: no memory)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
 
     hidden, inter, layers, heads, kv, vocab = SIZES[size]
     config = LlamaConfig(
@@ -85,9 +83,17 @@ def make_members(root: Path, size: str, n: int = 4) -> list[str]:
         architectures=["LlamaForCausalLM"],
     )
     with torch.device("meta"):
-        from transformers import LlamaForCausalLM
-
         shapes = {k: v.shape for k, v in LlamaForCausalLM(config).state_dict().items()}
+    return config, shapes
+
+
+def make_members(root: Path, size: str, n: int = 4) -> list[str]:
+    """``n`` Llama-shaped bf16 checkpoints with independent random weights, one tokenizer."""
+    from safetensors.torch import save_file
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    config, shapes = llama_shapes(size)
     words = sorted({w for t in TEXTS for w in t.split()})
     vocab_map = {w: i for i, w in enumerate(["[PAD]", "[UNK]", "<s>", "</s>", *words])}
     backend = Tokenizer(models.WordLevel(vocab=vocab_map, unk_token="[UNK]"))
@@ -116,6 +122,13 @@ def make_members(root: Path, size: str, n: int = 4) -> list[str]:
         tok.save_pretrained(str(path))
         out.append(str(path))
     return out
+
+
+class _Shape:
+    """A tensor's name, shape and dtype, what ``Layout.from_infos`` reads."""
+
+    def __init__(self, name: str, shape: tuple[int, ...]) -> None:
+        self.name, self.shape, self.dtype = name, shape, torch.bfloat16
 
 
 class BenchWorker(OffspringWorker):
@@ -398,17 +411,17 @@ def main() -> None:
     )
     args = ap.parse_args()
     size = args.size or ("quick" if args.quick else "1b")
-    hidden, inter, layers, _, kv, vocab = SIZES[size]
-    params = 2 * vocab * hidden + layers * (
-        2 * hidden * hidden + 2 * hidden * kv * hidden // SIZES[size][3] + 3 * hidden * inter
+    _, shapes = llama_shapes(size)
+    layout = Layout.from_infos(
+        [_Shape(k, tuple(v)) for k, v in shapes.items()], source=f"--size {size}"
     )
     need = (
-        max(
-            MemoryModel(params, 2, 4, vocab * hidden, 1 << 18, merger=m).node_bytes(args.workers)
+        max(  # the table's node total, plus the runtimes and the driver
+            MemoryModel.for_run(layout, 4, merger=m).node_bytes(args.workers)
             for m in args.modes.split(",")
         )
         + (args.workers + 1) * GIB // 2
-    )  # runtimes and the driver
+    )
     have = _available_bytes()
     if args.device == "cpu" and have and need > have:
         raise SystemExit(
