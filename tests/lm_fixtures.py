@@ -100,6 +100,26 @@ def make_model(path: Path, arch: str, *, seed: int = 0, noise: float = 0.0, **ov
     return path
 
 
+def make_members(root: Path, arch: str, n: int = 4, **overrides) -> tuple:
+    """``n`` fine-tunes of one tiny ``arch`` model (seeded noise 0.05, 0.10, ...) and their
+    base under ``root``: ``(paths, layout, member flat vectors, base flat vector)``."""
+    from evoray.models.pool import ModelPool
+    from evoray.weights.checkpoint import open_checkpoint
+    from evoray.weights.flat import flatten
+
+    paths = [
+        str(make_model(root / f"m{i}", arch, seed=0, noise=0.05 * (i + 1), **overrides))
+        for i in range(n)
+    ]
+    base = str(make_model(root / "base", arch, seed=0, **overrides))
+    layout = ModelPool(tuple(paths)).layout()
+    flats = []
+    for p in [*paths, base]:
+        with open_checkpoint(p) as c:
+            flats.append(flatten(c, layout).data)
+    return paths, layout, flats[:-1], flats[-1]
+
+
 class TextLogLik(TaskPool):
     """Mean token log-likelihood on a few fixed texts (one task, ``loglik``)."""
 

@@ -21,7 +21,6 @@ from evoray.kinship.metrics import kinship_flat
 from evoray.models.pool import ModelPool, load_model
 from evoray.population.mergers import AverageMerger, FisherMerger
 from evoray.strategies.de import Recipe, build_offspring
-from evoray.weights.checkpoint import open_checkpoint
 from evoray.weights.device_plan import (
     layout_units,
     make_segments,
@@ -29,11 +28,11 @@ from evoray.weights.device_plan import (
     plan_devices,
     worker_devices,
 )
-from evoray.weights.flat import flatten, from_numpy, to_numpy
+from evoray.weights.flat import from_numpy, to_numpy
 from evoray.weights.layers import layer_index
 from evoray.weights.layout import Layout
 from evoray.weights.placement import read_flat
-from tests.lm_fixtures import TextLogLik, make_model
+from tests.lm_fixtures import TextLogLik, make_members, make_model
 
 LAYERS = {"llama": "num_hidden_layers", "llama-tied": "num_hidden_layers", "gpt2": "n_layer"}
 ARCHS = [*LAYERS, "gpt2-untied"]
@@ -162,19 +161,8 @@ RECIPES = [
 
 @pytest.fixture(scope="module", params=["llama", "gpt2"])
 def members(request, tmp_path_factory):
-    root = tmp_path_factory.mktemp(request.param)
     key = LAYERS[request.param]
-    paths = [
-        str(make_model(root / f"m{i}", request.param, seed=0, noise=0.05 * (i + 1), **{key: 4}))
-        for i in range(4)
-    ]
-    base = str(make_model(root / "base", request.param, seed=0, **{key: 4}))
-    layout = ModelPool(tuple(paths)).layout()
-    flats = []
-    for p in [*paths, base]:
-        with open_checkpoint(p) as c:
-            flats.append(flatten(c, layout).data)
-    return paths, layout, flats[:-1], flats[-1]
+    return make_members(tmp_path_factory.mktemp(request.param), request.param, **{key: 4})
 
 
 def _worker(members, n: int) -> OffspringWorker:

@@ -68,24 +68,9 @@ _RECIPES = [(0, (1,), 0.7, 0.8, 3, "evolver"), (2, (0, 1, 3), 0.5, 0.4, 2**61 + 
 @pytest.fixture(scope="module")
 def lm_members(tmp_path_factory):
     """Four tiny Llamas (6 blocks) and their base, as paths, layout and flat vectors."""
-    from evoray.models.pool import ModelPool
-    from evoray.weights.checkpoint import open_checkpoint
-    from evoray.weights.flat import flatten
-    from tests.lm_fixtures import make_model
+    from tests.lm_fixtures import make_members
 
-    root = tmp_path_factory.mktemp("gpu-lms")
-    kw = {"num_hidden_layers": 6}
-    paths = [
-        str(make_model(root / f"m{i}", "llama", seed=0, noise=0.05 * (i + 1), **kw))
-        for i in range(4)
-    ]
-    base = str(make_model(root / "base", "llama", seed=0, **kw))
-    layout = ModelPool(tuple(paths)).layout()
-    flats = []
-    for p in [*paths, base]:
-        with open_checkpoint(p) as c:
-            flats.append(flatten(c, layout).data)
-    return paths, layout, flats[:-1], flats[-1]
+    return make_members(tmp_path_factory.mktemp("gpu-lms"), "llama", num_hidden_layers=6)
 
 
 def _spec(lm_members, device: str, n: int = 1):
