@@ -245,18 +245,8 @@ class OffspringWorker:
         """Build the offspring into the model, segment by segment on their devices; returns
         its kinship to its parent (Pearson of deltas from the base, from the stored values,
         summed per chunk) when there is a base."""
-        pop, base = self.population, self.base
-        if base is None:
-            build_into(recipe, pop, self.segments)
-            return None
-        sums, parent = KinshipSums(), pop[recipe.target]
-
-        def kinship(u: torch.Tensor, start: int, stop: int) -> None:
-            b = base[start:stop].to(u.device, torch.float32)
-            sums.update(u.float() - b, parent[start:stop].to(u.device, torch.float32) - b)
-
-        build_into(recipe, pop, self.segments, on_chunk=kinship)
-        return sums.pearson
+        sums = build_into(recipe, self.population, self.segments, base=self.base)
+        return None if sums is None else sums.pearson
 
     def _build_in_merge(self, recipe: Recipe) -> float | None:
         """Write ``merged + A_t (u - theta_t)`` into the model range by range, on this

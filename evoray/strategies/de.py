@@ -22,12 +22,15 @@ offspring never equals its parent.
 from __future__ import annotations
 
 import random
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
+
+from evoray.kinship.metrics import KinshipSums
+from evoray.strategies import de_kernel
 
 if TYPE_CHECKING:
     from evoray.weights.placement import Segment
@@ -167,12 +170,20 @@ def build_range(
     start: int,
     stop: int,
     device: torch.device | str | None = None,
+    *,
+    eager: bool = False,
 ) -> torch.Tensor:
     """Elements [start, stop) of the offspring, as a new float32 tensor on ``device``
     (default: the target's). Population tensors may live on any device (host memory of the
-    object store, typically); only the slices needed are moved."""
+    object store, typically); only the slices needed are moved. On a CPU the fused kernel
+    builds it unless ``eager`` (the same values)."""
     target = population[recipe.target]
     device = target.device if device is None else torch.device(device)
+    if not eager and device.type == "cpu":
+        out = torch.empty(stop - start, dtype=torch.float32)
+        if de_kernel.usable(population, out):
+            de_kernel.build(recipe, population, start, stop, out)
+            return out
     x = _f32(target[start:stop], device)
     F = recipe.F
     if recipe.mutation == "evolver":
@@ -202,6 +213,9 @@ def build_offspring(
     target = population[recipe.target]
     out = torch.empty_like(target) if out is None else out
     n = target.numel()
+    if de_kernel.usable(population, out):
+        de_kernel.build(recipe, population, 0, n, out)
+        return out
     chunk = chunk or default_chunk(out.device)
     for start in range(0, n, chunk):
         stop = min(n, start + chunk)
@@ -214,19 +228,29 @@ def build_into(
     population: Sequence[torch.Tensor],
     segments: Sequence[Segment],
     *,
-    on_chunk: Callable[[torch.Tensor, int, int], None] | None = None,
+    base: torch.Tensor | None = None,
     chunk: int | None = None,
-) -> None:
+) -> KinshipSums | None:
     """Build the offspring straight into a worker's segments (its model's memory, one or
-    several devices), each chunk on its segment's device; ``on_chunk(written, start, stop)``
-    sees every chunk as stored (running kinship sums, without a second pass)."""
+    several devices), each on its segment's device. With ``base``, also returns the kinship
+    sums of the offspring's delta from the base (as stored) against its parent's, summed in
+    the same pass."""
+    sums = None if base is None else KinshipSums()
+    parent = population[recipe.target]
     for seg in segments:
+        if de_kernel.usable(population, seg.buffer, base):
+            got = de_kernel.build(recipe, population, seg.start, seg.stop, seg.buffer, base)
+            sums = None if got is None else sums.merge(got)
+            continue
         step = chunk or default_chunk(seg.device)
         start = seg.start
         while start < seg.stop:
             stop = min(seg.stop, (start // step + 1) * step)  # chunk edges stay block-aligned
             view = seg.buffer[start - seg.start : stop - seg.start]
             view.copy_(build_range(recipe, population, start, stop, seg.device))
-            if on_chunk is not None:
-                on_chunk(view, start, stop)
+            if sums is not None:
+                b = base[start:stop].to(view.device, torch.float32)
+                p = parent[start:stop].to(view.device, torch.float32)
+                sums.update(view.float() - b, p - b)
             start = stop
+    return sums
