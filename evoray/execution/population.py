@@ -178,7 +178,7 @@ class RayPopulation:
             stored = ray.get(
                 [
                     self.pool.submit(
-                        "statistics",
+                        "stored_statistics",
                         kind,
                         inp.models,
                         m,

@@ -359,21 +359,19 @@ class OffspringWorker:
         n: int,
         cache_dir: str | None,
         member: np.ndarray | None = None,
-    ) -> dict[str, Any]:
+    ) -> dict[str, torch.Tensor]:
         """Fisher or RegMean statistics of one member (``models``: the run's ``ModelPool``)
-        on this worker's device, from the run's tasks' training data, returned as one object
-        ref per tensor (``store_statistics``: the driver reads them tensor by tensor, never
-        every member's whole statistics at once). Given the member's flat vector, its weights
-        are written into this worker's own model (every member has the layout) and the
-        statistics computed there, so the device never holds a second model; the next build
-        overwrites them."""
-        from evoray.execution.population import member_statistics, store_statistics
+        on this worker's device, from the run's tasks' training data; CPU tensors back.
+        Given the member's flat vector, its weights are written into this worker's own model
+        (every member has the layout) and the statistics computed there, so the device never
+        holds a second model; the next build overwrites them."""
+        from evoray.execution.population import member_statistics
 
         def own_model() -> tuple[Any, Any]:
             write_flat(self.segments, from_numpy(member))
             return self.model, self._tokenizer
 
-        stats = member_statistics(
+        return member_statistics(
             kind,
             models,
             model_path,
@@ -384,7 +382,14 @@ class OffspringWorker:
             str(self.device),
             load=None if member is None else own_model,
         )
-        return store_statistics(stats)
+
+    def stored_statistics(self, *args: Any) -> dict[str, Any]:
+        """``statistics`` left in this node's object store, one ref per tensor
+        (``store_statistics``): the driver reads them tensor by tensor, never every member's
+        whole statistics at once, and needs no cache directory shared with this node."""
+        from evoray.execution.population import store_statistics
+
+        return store_statistics(self.statistics(*args))
 
     def build(self, recipe: dict, *population: np.ndarray) -> np.ndarray:
         """An accepted offspring, rebuilt from the population it was bred from (on the host:
