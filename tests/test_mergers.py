@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -361,3 +362,137 @@ def test_merger_coefficients_are_shared_zero_copy_through_the_object_store(ray_l
         got = ray.get(ray.put(merger))
         arrays = [got.coef] if merger.name == "fisher" else [a for _, a in got.linear]
         assert arrays and all(not a.flags.writeable for a in arrays), merger.name
+
+
+# -- the Fisher build streams: one tensor of every model at a time ------------------------------
+
+
+def _whole_tensor_fisher_coef(layout: Layout, fishers, smoothing: float = 1e-10) -> np.ndarray:
+    """The construction FisherMerger had before it streamed: every model's whole tensor
+    stacked in float64, ``sum(0)``, ``where``; kept here as the reference."""
+    n = len(fishers)
+    half = layout.storage_dtype.itemsize <= 2
+    coef = np.empty((n, layout.numel), dtype=np.float16 if half else np.float32)
+    for slot in layout.slots:
+        w = torch.stack([f[slot.name].reshape(-1).double() for f in fishers]).add_(smoothing)
+        total = w.sum(0)
+        c = torch.where(total > 0, w / total, torch.full_like(w, 1.0 / n))
+        coef[:, slot.offset : slot.offset + slot.numel] = c.numpy()
+    return coef
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_streamed_fisher_coefficients_equal_the_whole_tensor_construction(
+    dtype: torch.dtype, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from evoray.population import mergers
+
+    monkeypatch.setattr(mergers, "STAT_CHUNK", 7)  # chunks cut tensors, with ragged tails
+    shapes = (("a", (1,)), ("b", (30, 7)), ("c", (5,)), ("d", (1, 1)), ("e", (100,)))
+    layout = Layout.from_infos([_Info(n, s, dtype) for n, s in shapes], source="test")
+    gen = torch.Generator().manual_seed(21)
+    for n, smoothing in itertools.product((1, 3, 9), (1e-10, 0.0)):
+        # Spread over many orders of magnitude, with exact zeros (0/0 at smoothing 0).
+        fishers = [
+            {
+                s.name: torch.rand(s.shape, generator=gen)
+                * torch.exp(10 * torch.randn(s.shape, generator=gen))
+                * (torch.rand(s.shape, generator=gen) > 0.3)
+                for s in layout.slots
+            }
+            for _ in range(n)
+        ]
+        got = FisherMerger(layout, fishers, smoothing=smoothing).coef
+        want = _whole_tensor_fisher_coef(layout, fishers, smoothing)
+        assert got.dtype == want.dtype
+        assert np.array_equal(got.view(np.uint8), want.view(np.uint8)), (n, smoothing)
+
+
+class _SyntheticFisher(Mapping):
+    """A model's Fisher made when read (numpy-backed, so tracemalloc sees it), counting reads."""
+
+    def __init__(self, layout: Layout, i: int) -> None:
+        self.shapes = {s.name: s.shape for s in layout.slots}
+        self.i = i
+        self.reads = 0
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        self.reads += 1
+        rng = np.random.default_rng([self.i, list(self.shapes).index(name)])
+        return torch.from_numpy(rng.random(self.shapes[name], dtype=np.float32))
+
+    def __iter__(self):
+        return iter(self.shapes)
+
+    def __len__(self) -> int:
+        return len(self.shapes)
+
+
+def test_fisher_build_holds_coefficients_plus_one_tensor_of_every_model() -> None:
+    """Driver-side peak of building the merger (numpy allocations, traced): coefficients plus
+    a few float32 copies of one tensor of every model, where reading every model's statistics
+    first (as the driver did, ``ray.get`` of them all) holds ``4 N P`` more."""
+    import tracemalloc
+
+    n, tensors, width = 4, 32, 10_000
+    layout = Layout.from_infos(
+        [_Info(f"t{k}", (width,), torch.bfloat16) for k in range(tensors)], source="bf16"
+    )
+    coef_bytes = n * layout.numel * 2  # float16 for a 16-bit model
+    bound = coef_bytes + 5 * (n * width * 4)
+
+    def peak(build) -> tuple[int, np.ndarray]:
+        tracemalloc.start()
+        try:
+            coef = build().coef
+            return tracemalloc.get_traced_memory()[1], coef
+        finally:
+            tracemalloc.stop()
+
+    lazy = [_SyntheticFisher(layout, i) for i in range(n)]
+    FisherMerger(layout, lazy)  # first calls allocate numpy's and torch's caches: not counted
+    for f in lazy:
+        f.reads = 0
+    streamed, coef = peak(lambda: FisherMerger(layout, lazy))
+    assert [f.reads for f in lazy] == [tensors] * n  # every tensor read once
+    held, coef_held = peak(lambda: FisherMerger(layout, [dict(f) for f in lazy]))
+    assert np.array_equal(coef, coef_held)
+    print(f"driver build peak: streamed {streamed} B, bound {bound} B, all read first {held} B")
+    assert coef_bytes <= streamed <= bound < held, (streamed, bound, held)
+    assert held >= coef_bytes + 4 * n * layout.numel
+
+
+def test_fisher_rejects_negative_entries_naming_model_and_tensor() -> None:
+    gen = torch.Generator().manual_seed(8)
+    fishers = _fishers(LAYOUT, 3, gen)
+    fishers[2]["lin1.bias"][1] = -1e-3
+    with pytest.raises(ConfigError, match=r"model 2 for tensor 'lin1\.bias' has negative"):
+        FisherMerger(LAYOUT, fishers)
+    fishers = _fishers(LAYOUT, 3, gen)
+    fishers[1]["head.weight"][0, 1] = float("inf")
+    with pytest.raises(ConfigError, match=r"model 1 for tensor 'head\.weight'.*non-finite"):
+        FisherMerger(LAYOUT, fishers)
+
+
+def test_mergers_from_stored_statistics_equal_those_from_tensors(ray_local) -> None:
+    """Statistics as a worker returns them (one object ref per tensor) build the same mergers
+    as the tensors themselves, read tensor by tensor from the store."""
+    from evoray.execution.population import StoredStatistics, store_statistics
+
+    gen = torch.Generator().manual_seed(14)
+    fishers, grams = _fishers(LAYOUT, N, gen), _grams(N, gen)
+    copies = [dict(f) for f in fishers]
+    stored = [StoredStatistics(store_statistics(c)) for c in copies]
+    assert all(not c for c in copies)  # the host copies were handed to the store
+    assert list(stored[0]) == list(fishers[0]) and len(stored[0]) == len(fishers[0])
+    assert "lin1.weight" in stored[0] and "nope" not in stored[0]
+    want = FisherMerger(LAYOUT, fishers).coef
+    assert np.array_equal(FisherMerger(LAYOUT, stored).coef, want)
+    stored_grams = [StoredStatistics(store_statistics(dict(g))) for g in grams]
+    for (s, a), (_, b) in zip(
+        RegMeanMerger(LAYOUT, stored_grams).linear, RegMeanMerger(LAYOUT, grams).linear, strict=True
+    ):
+        assert np.array_equal(a, b), s.name
+    bf16 = {"w": torch.randn(3, 2, generator=gen).to(torch.bfloat16)}
+    back = StoredStatistics(store_statistics(dict(bf16)))["w"]
+    assert back.dtype == torch.bfloat16 and torch.equal(back, bf16["w"])

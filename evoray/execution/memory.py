@@ -25,6 +25,12 @@ worker returns the offspring that beat their parents as scored (instead of a reb
 holding up to ``ceil(N / W) * P * s`` of host copies (``W`` workers) while its call returns.
 These two are host memory; on a GPU worker the device holds model + scratch. A GPU worker
 also reads the checkpoint into host memory once at start, one tensor at a time into the device.
+
+Before the search (not a term here): each worker leaves its member's Fisher / RegMean
+statistics in its node's store, one object per tensor (``4 * P`` per member for Fisher), and
+the driver builds the merger from them tensor by tensor
+(``execution.population.StoredStatistics``): it holds the coefficients above plus one tensor
+of every member and float64 sums over ``mergers.STAT_CHUNK`` elements, never ``4 * N * P``.
 """
 
 from __future__ import annotations

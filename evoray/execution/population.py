@@ -13,12 +13,13 @@ applied after its scores and kinships.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import ray
+import torch
 
 from evoray.execution.pool import WorkerPool
 from evoray.models.pool import ModelPool
@@ -36,6 +37,7 @@ from evoray.strategies.base import (
 )
 from evoray.strategies.de import Recipe
 from evoray.tasks.pool import TaskPool, ZooTasks
+from evoray.weights.flat import from_numpy, to_numpy
 
 
 @dataclass(frozen=True)
@@ -105,6 +107,37 @@ def compute_statistics(
     return member_statistics(kind, models, model_path, tasks, task_names, n, cache_dir)
 
 
+def store_statistics(stats: dict[str, torch.Tensor]) -> dict[str, ray.ObjectRef]:
+    """Put one member's statistics into the object store, one object per tensor, emptying
+    ``stats`` as it goes (the caller's host copy shrinks while the store's grows): the driver
+    then reads them tensor by tensor (``StoredStatistics``) from whichever node holds them,
+    with no cache directory shared between nodes."""
+    return {name: ray.put(to_numpy(stats.pop(name))) for name in list(stats)}
+
+
+class StoredStatistics(Mapping[str, torch.Tensor]):
+    """One member's statistics as ``store_statistics`` left them: each tensor is fetched when
+    read and not kept, so a merger built from these (``FisherMerger``, ``RegMeanMerger``:
+    tensor by tensor) holds one tensor of every member at a time on the driver instead of
+    every member's whole statistics (``4 N P`` bytes of Fisher). Zero-copy on the node that
+    holds the object; read-only."""
+
+    def __init__(self, refs: Mapping[str, ray.ObjectRef]) -> None:
+        self.refs = dict(refs)
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        return from_numpy(ray.get(self.refs[name]))
+
+    def __contains__(self, name: object) -> bool:  # Mapping's default would fetch
+        return name in self.refs
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.refs)
+
+    def __len__(self) -> int:
+        return len(self.refs)
+
+
 #: Largest model whose scored offspring workers return as they are (see the module docstring).
 KEEP_SCORED_MAX_BYTES = 1 << 30
 
@@ -140,11 +173,12 @@ class RayPopulation:
             merger = make_merger("average", self.layout, n)
         else:
             tasks = inp.models.member_tasks or (None,) * n
-            # On the workers: their device, and no extra processes.
-            stats = ray.get(
+            # On the workers: their device, and no extra processes. Each comes back as one
+            # object ref per tensor, read one tensor of every member at a time by the merger.
+            stored = ray.get(
                 [
                     self.pool.submit(
-                        "statistics",
+                        "stored_statistics",
                         kind,
                         inp.models,
                         m,
@@ -156,8 +190,10 @@ class RayPopulation:
                     for m, t, ref in zip(inp.members, tasks, self.refs, strict=True)
                 ]
             )
+            stats = [StoredStatistics(refs) for refs in stored]
             key = "fishers" if kind == "fisher" else "grams"
             merger = make_merger(kind, self.layout, n, **{key: stats}, **params)
+            del stats, stored  # the store frees the statistics once no ref to them remains
         self.merger_ref = ray.put(merger)
 
     # -- batches -------------------------------------------------------------------------------

@@ -373,6 +373,14 @@ class OffspringWorker:
             load=None if member is None else own_model,
         )
 
+    def stored_statistics(self, *args: Any) -> dict[str, Any]:
+        """``statistics`` left in this node's object store, one ref per tensor
+        (``store_statistics``): the driver reads them tensor by tensor, never every member's
+        whole statistics at once, and needs no cache directory shared with this node."""
+        from evoray.execution.population import store_statistics
+
+        return store_statistics(self.statistics(*args))
+
     def build(self, recipe: dict, *population: np.ndarray) -> np.ndarray:
         """An accepted offspring, rebuilt from the population it was bred from (on the host:
         it goes to the object store)."""

@@ -179,11 +179,62 @@ def _stat(stats: Mapping[str, Tensor], slot: Slot, i: int, what: str) -> Tensor:
     return t
 
 
+#: Elements per step of the Fisher coefficients' float64 arithmetic (``N`` rows of this many
+#: float64 values, twice, whatever the tensor's size).
+STAT_CHUNK = 1 << 18
+
+
+def _fisher_column(stats: Mapping[str, Tensor], slot: Slot, i: int) -> np.ndarray:
+    """Model ``i``'s Fisher for ``slot``, flat on the host and checked (shape, sign, finite)."""
+    t = _stat(stats, slot, i, "the Fisher")
+    if tuple(t.shape) != slot.shape:
+        raise ConfigError(
+            f"the Fisher of model {i} for tensor {slot.name!r} has shape "
+            f"{list(t.shape)} but the layout has {list(slot.shape)}"
+        )
+    t = t.detach().to("cpu").reshape(-1)
+    if t.dtype == torch.bfloat16:  # numpy has no bfloat16; float32 holds it exactly
+        t = t.float()
+    a = t.numpy()
+    # Checked in the tensor's own dtype: widening to float64 keeps signs and finiteness.
+    if not bool(np.isfinite(a).all()) or bool((a < 0).any()):
+        raise ConfigError(
+            f"the Fisher of model {i} for tensor {slot.name!r} has negative or "
+            "non-finite entries; recompute it"
+        )
+    return a
+
+
+def _fisher_coefficients(cols: list[np.ndarray], smoothing: float, out: np.ndarray) -> None:
+    """``out[i] = (F_i + eps) / sum_j (F_j + eps)`` (``1/N`` where the sum is 0) for one tensor,
+    in float64 on ``STAT_CHUNK`` elements at a time, the sum taken in model order."""
+    n = len(cols)
+    for lo in range(0, out.shape[1], STAT_CHUNK):
+        hi = min(out.shape[1], lo + STAT_CHUNK)
+        w = np.empty((n, hi - lo), dtype=np.float64)
+        for i, a in enumerate(cols):
+            w[i] = a[lo:hi]
+        w += smoothing
+        total = w[0].copy()
+        for i in range(1, n):
+            total += w[i]
+        seen = total > 0
+        np.divide(w, total, out=w, where=seen)
+        w[:, ~seen] = 1.0 / n
+        out[:, lo:hi] = w
+
+
 class FisherMerger(_LinearMerger):
     """Fisher merging: ``theta* = sum_i (F_i + eps) theta_i / sum_j (F_j + eps)`` elementwise.
 
     ``smoothing`` (``eps``) keeps parameters that no model's Fisher sees (all zeros) at their
     plain average instead of 0/0.
+
+    Built tensor by tensor: each model's Fisher is read once per tensor (``fishers[i].get(name)``),
+    so lazy mappings (``execution.population.StoredStatistics``: one object ref per tensor)
+    keep only one tensor of every model alive, and the float64 arithmetic runs on
+    ``STAT_CHUNK`` elements at a time: the build holds the coefficients plus
+    ``O(N x largest tensor)``, never every model's whole Fisher.
     """
 
     name = "fisher"
@@ -202,25 +253,12 @@ class FisherMerger(_LinearMerger):
         half = layout.storage_dtype.itemsize <= 2
         self.coef = np.empty((self.n, layout.numel), dtype=np.float16 if half else np.float32)
         for slot in layout.slots:
-            cols = []
-            for i, f in enumerate(fishers):
-                t = _stat(f, slot, i, "the Fisher")
-                if tuple(t.shape) != slot.shape:
-                    raise ConfigError(
-                        f"the Fisher of model {i} for tensor {slot.name!r} has shape "
-                        f"{list(t.shape)} but the layout has {list(slot.shape)}"
-                    )
-                t = t.detach().reshape(-1).to("cpu", torch.float64)
-                if not bool(torch.isfinite(t).all()) or bool((t < 0).any()):
-                    raise ConfigError(
-                        f"the Fisher of model {i} for tensor {slot.name!r} has negative or "
-                        "non-finite entries; recompute it"
-                    )
-                cols.append(t)
-            w = torch.stack(cols).add_(smoothing)
-            total = w.sum(0)
-            coef = torch.where(total > 0, w / total, torch.full_like(w, 1.0 / self.n))
-            self.coef[:, slot.offset : slot.offset + slot.numel] = coef.numpy()
+            # One tensor of every model at a time: the list dies with the call.
+            _fisher_coefficients(
+                [_fisher_column(f, slot, i) for i, f in enumerate(fishers)],
+                smoothing,
+                self.coef[:, slot.offset : slot.offset + slot.numel],
+            )
 
     def add_range(self, out: Tensor, i: int, t: Tensor, start: int, stop: int) -> None:
         c = from_numpy(self.coef[i, start:stop]).to(out.device).to(torch.float32)
