@@ -16,7 +16,9 @@ Per node (Ray's object store, shared zero-copy by that node's workers; no worker
 
 Per worker (on its device): its model, ``P * s``, plus build scratch of about 32 float32
 values per element of one range (one chunk; for RegMean a linear weight is never cut, so
-``max(C, largest linear weight)``, and one ``d x d`` float32 coefficient matrix), plus the
+``max(C, largest linear weight)``, and one ``d x d`` float32 coefficient matrix; for greedy
+merging and recipe search, whose method merges go tensor by tensor straight into the model,
+about 4 float32 per input model per element of the largest tensor, if that is larger), plus the
 evaluation's activations (batch-dependent, not modelled) and the process's runtime (Python,
 torch, transformers: measured, not modelled). In merger mode the worker that updates the merge
 (once per generation) also holds the float32 merged vector, ``4 * P``, while returning it; in
@@ -46,6 +48,12 @@ from evoray.weights.layout import Layout
 #: (tests/test_memory_model.py), rounded up.
 SCRATCH_FLOATS = 32
 
+#: float32-sized temporaries per element of the largest tensor and per input model of a method
+#: merge (greedy merging, recipe search; ``merge.walker.merge_slots``): the inputs on the
+#: worker's device, the method's stacks, masks and signs: measured up to 2.4 (DARE-TIES, 4
+#: models and a base, tests/test_memory_model.py), rounded up.
+MERGE_SCRATCH_FLOATS = 4
+
 GIB = 1024**3
 
 
@@ -62,6 +70,8 @@ class MemoryModel:
     has_base: bool = False
     regmean_elements: int = 0  # sum over linear weights of d^2 (RegMean only)
     largest_gram: int = 0  # max d^2 over linear weights (RegMean only)
+    merge_inputs: int = 0  # models one method merge reads (greedy / recipe search), else 0
+    largest_slot: int = 0  # the largest tensor of the layout (a method merge's unit)
 
     @classmethod
     def for_run(
@@ -72,6 +82,7 @@ class MemoryModel:
         merger: str = "none",
         has_base: bool = False,
         device: str = "cpu",
+        merge_inputs: int = 0,
     ) -> MemoryModel:
         from evoray.strategies.de import default_chunk
 
@@ -88,6 +99,8 @@ class MemoryModel:
             largest_gram=max((s.shape[1] ** 2 for s in linear), default=0)
             if merger == "regmean"
             else 0,
+            merge_inputs=merge_inputs,
+            largest_slot=max(s.numel for s in layout.slots),
         )
 
     # -- per node ---------------------------------------------------------------------------
@@ -136,7 +149,9 @@ class MemoryModel:
 
     @property
     def scratch_bytes(self) -> int:
-        return SCRATCH_FLOATS * 4 * self.range_elements + 4 * self.largest_gram
+        """The larger of a build's scratch and a method merge's (only where the run merges)."""
+        build = SCRATCH_FLOATS * 4 * self.range_elements + 4 * self.largest_gram
+        return max(build, MERGE_SCRATCH_FLOATS * 4 * self.merge_inputs * self.largest_slot)
 
     @property
     def merge_output_bytes(self) -> int:

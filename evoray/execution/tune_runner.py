@@ -271,6 +271,9 @@ def check_memory(config: RunConfig, shared: Shared, *, progress: bool = True) ->
         merger=merger if isinstance(merger, str) else "fisher",  # a searched merger: the largest
         has_base=shared.inputs.base is not None,
         device="cuda" if ex.gpus_per_worker > 0 else "cpu",
+        merge_inputs=get_strategy(config.strategy).merge_inputs(
+            len(shared.inputs.members), shared.inputs.base is not None
+        ),
     )
     nodes = [n for n in ray.nodes() if n.get("Alive") and n["Resources"].get("CPU", 0) > 0]
     per_node = -(-ex.num_workers // max(1, len(nodes)))

@@ -444,11 +444,13 @@ class OffspringWorker:
         }
 
     def _merge_into_buffer(self, method, model_settings, settings, base, members) -> None:
-        from evoray.merge.walker import merge_flat
+        """Merge into this worker's model tensor by tensor on its device: each merged tensor
+        goes straight into its segment, so a merge never holds a second model (host or device)."""
+        from evoray.merge.walker import merge_slots
         from evoray.weights.layers import num_layers
 
         layout = self.spec.layout
-        merged = merge_flat(
+        for s, merged in merge_slots(
             method,
             layout,
             [from_numpy(m) for m in members],
@@ -456,9 +458,11 @@ class OffspringWorker:
             model_settings,
             settings,
             n_layers=num_layers(self.model.config.to_dict(), layout.names),
-            out=torch.empty(layout.numel, dtype=layout.storage_dtype),
-        )
-        write_flat(self.segments, merged)
+            device=self.device,
+        ):
+            flat = merged.reshape(-1)
+            for lo, hi, view in pieces(self.segments, s.offset, s.offset + s.numel):
+                view.copy_(flat[lo - s.offset : hi - s.offset])
 
     def kinship(self, base: np.ndarray, a: np.ndarray, b: np.ndarray) -> dict[str, float]:
         """Kinship (Pearson, cosine, Euclidean) of two vectors' deltas from the base."""

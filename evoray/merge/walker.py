@@ -2,7 +2,7 @@
 the registered method applied to that tensor's inputs.
 
 ``evoray merge`` streams tensors from checkpoints through it (``merge.streaming``); search
-strategies merge flat population vectors through it slot by slot (``merge_flat``), their
+strategies merge flat population vectors through it slot by slot (``merge_slots``), their
 recipes turned into the same ``MergeConfig`` a YAML file gives. So gradients, filters and
 slices mean one thing everywhere, and a recipe found by search and the mergekit YAML exported
 from it give the same model.
@@ -10,7 +10,7 @@ from it give the same model.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,7 +19,7 @@ import torch
 from evoray.config.merge_config import MergeConfig
 from evoray.merge.method import MergeMethod
 from evoray.merge.registry import get_method
-from evoray.weights.layout import Layout
+from evoray.weights.layout import Layout, Slot
 
 
 @dataclass(frozen=True)
@@ -91,6 +91,49 @@ def recipe_config(
     )
 
 
+def merge_slots(
+    method: str,
+    layout: Layout,
+    members: Sequence[torch.Tensor],
+    base: torch.Tensor | None,
+    model_settings: Sequence[Mapping[str, Any]],
+    settings: Mapping[str, Any],
+    *,
+    n_layers: int,
+    seed: int = 0,
+    device: torch.device | str | None = None,
+) -> Iterator[tuple[Slot, torch.Tensor]]:
+    """Merge flat vectors slot by slot, yielding ``(slot, merged)``; settings may be
+    gradients/filters like in a config.
+
+    ``members`` are the non-base models (what ``MergeMethod.merge`` calls ``tensors``) and
+    ``model_settings[i]`` their per-model parameters; ``settings`` the global ones. Each slot's
+    inputs are moved to ``device`` (the members' own by default) and merged there into one
+    float32 scratch of the largest tensor, so a merge needs the inputs and one tensor of
+    memory, never a whole model: ``merged`` is that scratch, valid until the next slot.
+    """
+    if len(model_settings) != len(members):
+        raise ValueError(f"{len(model_settings)} parameter sets for {len(members)} models")
+    walker = TensorMerge(
+        config=recipe_config(method, model_settings, settings),
+        method=get_method(method),
+        n_layers=n_layers,
+        model_indices=tuple(range(len(members))),
+        seed=seed,
+    )
+    device = members[0].device if device is None else torch.device(device)
+    scratch = torch.empty(max(s.numel for s in layout.slots), device=device)
+    for s in layout.slots:
+        sl = slice(s.offset, s.offset + s.numel)
+        merged = walker.merge(
+            s.name,
+            [x[sl].view(s.shape).to(device) for x in members],
+            None if base is None else base[sl].view(s.shape).to(device),
+            out=scratch[: s.numel].view(s.shape),
+        )
+        yield s, merged
+
+
 def merge_flat(
     method: str,
     layout: Layout,
@@ -103,30 +146,11 @@ def merge_flat(
     seed: int = 0,
     out: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Merge flat vectors slot by slot; settings may be gradients/filters like in a config.
-
-    ``members`` are the non-base models (what ``MergeMethod.merge`` calls ``tensors``) and
-    ``model_settings[i]`` their per-model parameters; ``settings`` the global ones. Returns
-    ``out`` (allocated in the members' dtype if not given).
-    """
-    if len(model_settings) != len(members):
-        raise ValueError(f"{len(model_settings)} parameter sets for {len(members)} models")
-    walker = TensorMerge(
-        config=recipe_config(method, model_settings, settings),
-        method=get_method(method),
-        n_layers=n_layers,
-        model_indices=tuple(range(len(members))),
-        seed=seed,
-    )
+    """``merge_slots`` gathered into one flat vector: ``out`` (allocated in the members'
+    dtype if not given)."""
     out = torch.empty_like(members[0]) if out is None else out
-    scratch = torch.empty(max(s.numel for s in layout.slots))
-    for s in layout.slots:
-        sl = slice(s.offset, s.offset + s.numel)
-        merged = walker.merge(
-            s.name,
-            [x[sl].view(s.shape) for x in members],
-            None if base is None else base[sl].view(s.shape),
-            out=scratch[: s.numel].view(s.shape),
-        )
-        out[sl] = merged.reshape(-1)
+    for s, merged in merge_slots(
+        method, layout, members, base, model_settings, settings, n_layers=n_layers, seed=seed
+    ):
+        out[s.offset : s.offset + s.numel] = merged.reshape(-1)
     return out

@@ -190,6 +190,12 @@ class Strategy(ABC):
     #: Display name in tables and plots.
     title: ClassVar[str] = ""
 
+    @classmethod
+    def merge_inputs(cls, members: int, has_base: bool) -> int:
+        """Most models one of its method merges reads (the memory model sizes a worker's merge
+        scratch by it); 0 for a strategy that never merges with a registered method."""
+        return 0
+
     def __init__(self, settings: Any, problem: Problem) -> None:
         self.settings = settings
         self.problem = problem

@@ -188,6 +188,10 @@ class KinshipGreedy(Strategy):
     searchable = ("t", "weight", "density")
     title = "kinship greedy"
 
+    @classmethod
+    def merge_inputs(cls, members: int, has_base: bool) -> int:
+        return 2 + has_base  # a pair of candidates, and the base
+
     def __init__(self, settings: GreedySettings, problem: Problem) -> None:
         if not problem.has_base:
             raise ConfigError("kinship_greedy needs the models' shared base (models.base)")

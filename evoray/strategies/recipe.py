@@ -111,6 +111,10 @@ class RecipeSearch(Strategy):
     searchable = ()  # its ranges are not scalars; it searches weights itself
     title = "recipe search"
 
+    @classmethod
+    def merge_inputs(cls, members: int, has_base: bool) -> int:
+        return members + has_base
+
     def __init__(self, settings: RecipeSettings, problem: Problem) -> None:
         method = get_method(settings.method)
         if method.needs_base and not problem.has_base:
