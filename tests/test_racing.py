@@ -21,8 +21,10 @@ from evoray.strategies.evolver import Evolver, EvolverSettings
 from evoray.strategies.racing import (
     Race,
     TaskSeen,
+    binomial_cdf,
     certain_upper,
     estimate,
+    pooled_count,
     race_order,
     rejects,
     round_fractions,
@@ -84,6 +86,58 @@ def test_certainty_never_rejects_what_the_full_dev_set_accepts(tasks, must_beat)
     assert certain_upper(seen) >= full - 1e-12
     if full > must_beat:  # the full dev set would accept it
         assert not rejects(seen, must_beat, 1.0, 3)
+
+
+def test_binomial_cdf_is_the_sum_of_the_pmf():
+    from math import comb
+
+    for m, p in [(1, 0.3), (7, 0.5), (40, 0.07), (96, 0.2656)]:
+        for c in range(-1, m + 2):
+            exact = sum(comb(m, k) * p**k * (1 - p) ** (m - k) for k in range(0, min(c, m) + 1))
+            assert binomial_cdf(c, m, p) == pytest.approx(exact, rel=1e-9, abs=1e-300)
+
+
+def test_binomial_test_applies_only_where_every_seen_row_weighs_the_same():
+    assert pooled_count([TaskSeen(24, 0.5, 96), TaskSeen(24, 0.0, 96)]) == (12, 48)
+    assert pooled_count([TaskSeen(24, 0.5, 96, 2.0), TaskSeen(48, 0.25, 96, 4.0)]) == (24, 72)
+    assert pooled_count([TaskSeen(24, 0.5, 96), TaskSeen(12, 0.5, 48)]) is None  # other scales
+    assert pooled_count([TaskSeen(24, 0.51, 96)]) is None  # not 0/1 scores
+    # there, racing uses the Hoeffding-Serfling bound as before
+    tasks = [TaskSeen(24, 0.25, 96), TaskSeen(12, 0.0, 48)]
+    for must_beat in (0.2, 0.3, 0.4, 0.5):
+        hoeffding = upper_bound(tasks, 0.95, 2) < must_beat - 1e-9
+        assert rejects(tasks, must_beat, 0.95, 2) == hoeffding
+
+
+def test_the_binomial_test_stops_what_hoeffding_cannot_on_small_slices():
+    """The LM zoo's shape: 4 skills x 96 dev rows, first slice 24 rows each; an offspring of
+    the colors expert (parent fitness 0.2656) that lost part of the skill: 15 of 24 colors
+    rows right, none elsewhere (estimate 0.156)."""
+    tasks = [TaskSeen(24, 15 / 24, 96)] + [TaskSeen(24, 0.0, 96)] * 3
+    assert upper_bound(tasks, 0.95, 2) > 0.2656  # Hoeffding: cannot tell yet
+    assert rejects(tasks, 0.2656, 0.95, 2)
+    assert not rejects(tasks, 0.2656, 1.0, 2)  # certainty: only the worst case counts
+
+
+@pytest.mark.parametrize(
+    "shares",
+    [(0.3,), (0.9, 0.05, 0.1, 0.0), (1.0, 0.0, 0.0, 0.0), (0.5, 0.5, 0.2, 0.2)],
+)
+def test_the_binomial_test_errs_at_most_its_error_probability(shares):
+    """Finite dev sets whose full-dev fitness is exactly the value to beat (the hardest
+    case), tasks from uniform to as unequal as a specialist's: slices drawn at random without
+    replacement are rejected at most ``1 - confidence`` of the time."""
+    import random
+
+    rng = random.Random(0)
+    n, seen, confidence, trials = 96, 24, 0.9, 3000
+    rows = [[1] * round(p * n) + [0] * (n - round(p * n)) for p in shares]
+    full = sum(sum(r) / n for r in rows) / len(rows)
+    wrong = 0
+    for _ in range(trials):
+        tasks = [TaskSeen(seen, sum(rng.sample(r, seen)) / seen, n) for r in rows]
+        wrong += rejects(tasks, full, confidence, 1)
+    assert wrong / trials <= (1 - confidence) + 0.02, wrong / trials
 
 
 def test_evolver_settings_name_the_racing_field():

@@ -63,7 +63,7 @@ class EvolverSettings:
     # Racing (evoray.strategies.racing): off by default.
     racing: bool = False
     racing_confidence: float = 0.95
-    racing_first: float = 0.25
+    racing_first: float = 0.125
     # Offspring bred per individual per generation (the best one competes with its parent):
     # more than one keeps more workers busy than there are members.
     offspring_per_member: int = 1
