@@ -59,6 +59,32 @@ def test_merger_ranges_on_the_gpu_equal_the_cpu():
     torch.testing.assert_close(gpu.cpu(), cpu)
 
 
+def test_method_merges_on_the_gpu_equal_the_cpu():
+    """Greedy / recipe-search merges run tensor by tensor on the worker's device; DARE's mask
+    is drawn on the CPU, so a GPU merge keeps the same elements as ``evoray merge``."""
+    from evoray.merge.walker import merge_flat, merge_slots
+    from evoray.weights.layout import Layout
+
+    class Info:
+        def __init__(self, name, shape):
+            self.name, self.shape, self.dtype = name, shape, torch.bfloat16
+
+    layout = Layout.from_infos([Info("a", (300, 70)), Info("b", (11,))], source="t")
+    g = torch.Generator().manual_seed(3)
+    members = [torch.randn(layout.numel, generator=g).to(torch.bfloat16) for _ in range(3)]
+    base = torch.randn(layout.numel, generator=g).to(torch.bfloat16)
+    for method in ("dare_ties", "ties", "linear"):
+        per = [{"weight": 1.0} if method == "linear" else {"weight": 1.0, "density": 0.5}] * 3
+        cpu = merge_flat(method, layout, members, base, per, {}, n_layers=1)
+        gpu = torch.empty(layout.numel, dtype=torch.bfloat16, device="cuda")
+        for s, merged in merge_slots(
+            method, layout, members, base, per, {}, n_layers=1, device="cuda"
+        ):
+            gpu[s.offset : s.offset + s.numel] = merged.reshape(-1)
+        assert ((gpu.cpu() == 0) == (cpu == 0)).all(), method  # the same elements kept
+        torch.testing.assert_close(gpu.cpu().float(), cpu.float(), atol=1e-2, rtol=1e-2)
+
+
 # -- workers spanning GPUs, and workers sharing one --------------------------------------------
 
 needs_two_gpus = pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA devices")

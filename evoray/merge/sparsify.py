@@ -28,9 +28,9 @@ Deliberate differences from mergekit (documented once here, referred to elsewher
   tensor of fewer than 100 elements at the default gamma 0.01).
 * ``random`` draws its mask from a dedicated ``torch.Generator`` seeded with the caller's seed
   (keep iff ``u < density`` with ``u ~ U[0, 1)`` from ``torch.rand``, the rule
-  ``torch.bernoulli`` uses), never from the global RNG as mergekit does. On the CPU the stream is
-  consumed element by element, so the mask does not depend on the chunk size; a CUDA generator
-  gives a different (but equally reproducible) mask for the same seed.
+  ``torch.bernoulli`` uses), never from the global RNG as mergekit does. The stream is drawn on
+  the CPU and consumed element by element, so the mask depends on neither the chunk size nor
+  the device: a GPU worker's merge keeps exactly the elements ``evoray merge`` keeps on a CPU.
 """
 
 from __future__ import annotations
@@ -312,24 +312,26 @@ def _l1_factor(before: float, after: float) -> float:
 
 
 class _Bernoulli(Plan):
-    """DARE's random mask: keep iff ``u < density``, ``u`` drawn in chunk order from a
-    generator re-seeded by ``begin`` (so the rescale pass and the merge pass see one mask)."""
+    """DARE's random mask: keep iff ``u < density``, ``u`` drawn in chunk order from a CPU
+    generator re-seeded by ``begin`` (so the rescale pass and the merge pass see one mask, and
+    every device the same one: CUDA's generator would give another stream for the seed)."""
 
     identity = False
 
     def __init__(self, density: float, seed: int, device: torch.device, chunk: int) -> None:
         self.density = density
         self.seed = seed
-        self.generator = torch.Generator(device=device)
-        self._u = torch.empty(chunk, dtype=torch.float32, device=device)
+        self.device = torch.device(device)
+        self.generator = torch.Generator()
+        self._u = torch.empty(chunk, dtype=torch.float32)
         self.begin()
 
     def begin(self) -> None:
         self.generator.manual_seed(self.seed)
 
     def keep(self, numel: int) -> Tensor:
-        u = self._u[:numel].uniform_(generator=self.generator)
-        return u < self.density
+        keep = self._u[:numel].uniform_(generator=self.generator) < self.density
+        return keep if self.device.type == "cpu" else keep.to(self.device)
 
     def mask_(self, chunk: Tensor) -> None:
         chunk.mul_(self.keep(chunk.numel()))
