@@ -20,6 +20,9 @@ formula of ``evoray.execution.memory`` (the README's "Memory" section):
   fused kernel on a CPU, ``evoray.strategies.de_kernel``) and the eager torch build beside it.
 - On CUDA also ``torch.cuda.max_memory_allocated`` per worker against model + scratch.
 
+A mode the memory model says will not fit this node's memory is skipped, saying why (here,
+24 GiB: the 1B population runs individual selection, not Fisher).
+
 The Fisher statistics are synthetic (random positive per tensor, put through the real
 ``FisherMerger``): what is measured is the search holding them, not their computation, whose
 backward passes on 4 x 1B members would take most of an hour on 2 CPU cores.
@@ -425,19 +428,21 @@ def main() -> None:
     layout = Layout.from_infos(
         [_Shape(k, tuple(v)) for k, v in shapes.items()], source=f"--size {size}"
     )
-    need = (
-        max(  # the table's node total, plus the runtimes and the driver
-            MemoryModel.for_run(layout, 4, merger=m).node_bytes(args.workers)
-            for m in args.modes.split(",")
-        )
-        + (args.workers + 1) * GIB // 2
-    )
     have = _available_bytes()
-    if args.device == "cpu" and have and need > have:
-        raise SystemExit(
-            f"--size {size}: the memory model needs {need / GIB:.1f} GiB on this node but "
-            f"{have / GIB:.1f} GiB are available; use --size half or --quick"
-        )
+    modes, skipped = [], {}
+    for m in args.modes.split(","):
+        # the table's node total, plus the runtimes and the driver
+        need = MemoryModel.for_run(layout, 4, merger=m).node_bytes(args.workers)
+        need += (args.workers + 1) * GIB // 2
+        if args.device == "cpu" and have and need > have:
+            skipped[m] = (
+                f"needs {need / GIB:.1f} GiB by the memory model, {have / GIB:.1f} available"
+            )
+            print(f"--size {size}, merger={m}: skipped, {skipped[m]} (try --size half or --quick)")
+        else:
+            modes.append(m)
+    if not modes:
+        raise SystemExit(f"--size {size}: no mode fits this node; use --size half or --quick")
     with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
         root = Path(tmp)
         t0 = time.perf_counter()
@@ -455,7 +460,7 @@ def main() -> None:
             flush=True,
         )
         run = run_in_process if args.no_ray else run_mode
-        results = [run(members, tasks, layout, args, m) for m in args.modes.split(",")]
+        results = [run(members, tasks, layout, args, m) for m in modes]
     for r in results:
         print(
             f"merger={r['merger']:7s} {r['wall_s']:6.1f} s/gen  worker peak "
@@ -466,6 +471,7 @@ def main() -> None:
             f"{r['eager_build_vs_copy']:.3f})"
         )
     figures = {"parameters": layout.numel, "device": args.device, "workers": args.workers}
+    figures.update({f"{m}_skipped": why for m, why in skipped.items()})
     for r in results:
         m = r["merger"]
         keys = ("worker_ratio", "node_ratio", "gpu_ratio", "build_vs_copy", "eager_build_vs_copy")

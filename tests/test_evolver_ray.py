@@ -106,6 +106,14 @@ def test_scored_offspring_weights_are_the_rebuilt_offspring(small_zoo, ray_local
     assert weights[1] is None and weights[2] is None
     assert np.array_equal(weights[0], worker.build(r1.to_dict(), *pop))
     assert not np.array_equal(weights[0], worker.build(r3.to_dict(), *pop))
+    # A rebuild for the store is built into the worker's model and handed out as its memory
+    # (Ray copies it into the store as the call returns): no second model on a CPU worker.
+    stored = worker.build_for_store(r1.to_dict(), *pop)
+    assert np.array_equal(weights[0], stored)
+    assert stored.ctypes.data == worker.segments[0].buffer.data_ptr()
+    loaded = worker.load_for_store(inputs.members[2])  # the population's load, likewise
+    assert np.array_equal(loaded, pop[2])
+    assert loaded.ctypes.data == worker.segments[0].buffer.data_ptr()
     # In merger mode the model is the merge, not the offspring: nothing is returned.
     merger = make_merger("average", spec.layout, len(pop))
     merged = merger.merge([torch.from_numpy(p) for p in pop]).float().numpy()
@@ -149,7 +157,7 @@ def test_dynamic_dealing_and_scored_keeps_match_rebuilds(small_zoo, pools, monke
     monkeypatch.setattr(pool, "dealing", "dynamic")
     dynamic, pop_dynamic, _ = run(small_zoo, pools, s, workers=2, generations=2)
     assert sum(len(g) for g in dynamic.accepted) > 0  # some keeps happened ...
-    assert "build" not in submitted  # ... none of them rebuilt the offspring
+    assert "build_for_store" not in submitted  # ... none of them rebuilt the offspring
     assert dynamic.to_dict() == rebuilt.to_dict()
     assert all(np.array_equal(x, y) for x, y in zip(pop_dynamic, pop_rebuilt, strict=True))
 

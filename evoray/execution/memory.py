@@ -24,7 +24,9 @@ torch, transformers: measured, not modelled). In merger mode the worker that upd
 (once per generation) also holds the float32 merged vector, ``4 * P``, while returning it; in
 individual mode, for models up to 1 GiB (``execution.population.KEEP_SCORED_MAX_BYTES``), a
 worker returns the offspring that beat their parents as scored (instead of a rebuild call),
-holding up to ``ceil(N / W) * P * s`` of host copies (``W`` workers) while its call returns.
+holding up to ``ceil(N / W) * P * s`` of host copies (``W`` workers) while its call returns;
+larger offspring are rebuilt into the worker's own model, which the store copies from (a
+GPU worker: through one host copy, ``P * s``, while the call returns).
 These two are host memory; on a GPU worker the device holds model + scratch. A GPU worker
 also reads the checkpoint into host memory once at start, one tensor at a time into the device.
 

@@ -6,7 +6,8 @@ goes to the workers, one call per worker for a batch of DE offspring, so a gener
 round trip per worker. An offspring that beats its ``keep_above`` comes back with its weights
 (the ones it was scored with), so keeping it costs no rebuild call before the next generation;
 only for models up to ``KEEP_SCORED_MAX_BYTES``, since a worker holds those copies until its
-call returns (larger models are rebuilt by a ``build`` call, seconds against their evaluation).
+call returns (larger models are rebuilt by a ``build_for_store`` call into the worker's own
+model, which the store copies from: seconds against their evaluation, and no second model).
 Every build of a batch reads the population as it was when the batch arrived; keeps are
 applied after its scores and kinships.
 """
@@ -160,8 +161,8 @@ class RayPopulation:
     def load(self) -> None:
         """Flat vectors of the base and the members, read by the workers into the store."""
         base = self.inputs.base
-        self.base_ref = self.pool.submit("load", base) if base is not None else None
-        self.refs = [self.pool.submit("load", p) for p in self.inputs.members]
+        self.base_ref = self.pool.submit("load_for_store", base) if base is not None else None
+        self.refs = [self.pool.submit("load_for_store", p) for p in self.inputs.members]
 
     def make_merger(self, kind: str, params: dict[str, Any]) -> None:
         """The population merger (average, or Fisher/RegMean from per-member statistics)."""
@@ -278,7 +279,7 @@ class RayPopulation:
             scored = self._scored.get((build.recipe, tuple(pop)))
             if scored is not None:
                 return scored
-            return self.pool.submit("build", build.recipe.to_dict(), *pop)
+            return self.pool.submit("build_for_store", build.recipe.to_dict(), *pop)
         if isinstance(build, MergeAll):
             return self.pool.submit("merge", self.merger_ref, *pop)
         if isinstance(build, MergedWith):

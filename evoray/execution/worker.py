@@ -340,6 +340,24 @@ class OffspringWorker:
         with open_checkpoint(path, allow_pickle=allow_pickle or self.spec.allow_pickle) as ckpt:
             return flatten(ckpt, self.spec.layout).data
 
+    def load_for_store(self, path: str, allow_pickle: bool = False) -> np.ndarray:
+        """``load`` for a Ray call. A CPU worker reads the checkpoint tensor by tensor into its
+        own model and hands out the model's memory, which Ray copies into the object store as
+        the call returns: loading the population needs no second model per worker. Only valid
+        until this worker's next call. Other workers load as ``load`` does (into host memory,
+        not through the device)."""
+        from evoray.weights.checkpoint import open_checkpoint
+
+        if len(self.segments) > 1 or self.segments[0].device.type != "cpu":
+            return self.load(path, allow_pickle)
+        layout = self.spec.layout
+        with open_checkpoint(path, allow_pickle=allow_pickle or self.spec.allow_pickle) as ckpt:
+            layout.check(ckpt)
+            buf = self.segments[0].buffer
+            for s in layout.slots:
+                buf[s.offset : s.offset + s.numel].view(s.shape).copy_(ckpt.get(s.name))
+        return read_flat(self.segments)
+
     def statistics(
         self,
         kind: str,
@@ -382,10 +400,18 @@ class OffspringWorker:
         return store_statistics(self.statistics(*args))
 
     def build(self, recipe: dict, *population: np.ndarray) -> np.ndarray:
-        """An accepted offspring, rebuilt from the population it was bred from (on the host:
-        it goes to the object store)."""
+        """An accepted offspring, rebuilt from the population it was bred from (on the host)."""
         pop = [from_numpy(a) for a in population]
         return to_numpy(build_offspring(Recipe.from_dict(recipe), pop))
+
+    def build_for_store(self, recipe: dict, *population: np.ndarray) -> np.ndarray:
+        """``build`` for a Ray call: the offspring is built into this worker's own model (on
+        its device) and returned as the model's memory on a CPU worker (a host copy on a GPU),
+        which Ray copies into the object store as the call returns, so a CPU worker needs no
+        second model for it. The array is only valid until this worker's next call."""
+        pop = [from_numpy(a) for a in population]
+        build_into(Recipe.from_dict(recipe), pop, self.segments)
+        return read_flat(self.segments)
 
     def merge(self, merger: Any, *population: np.ndarray) -> np.ndarray:
         """The merged model of a population, as a float32 flat vector."""
