@@ -188,8 +188,10 @@ class MemoryModel:
         )
 
     def node_bytes(self, workers: int) -> int:
-        """A node with ``workers`` workers: its store (with keeps) and their models."""
-        return self.store_peak_bytes + workers * self.worker_bytes(workers)
+        """A node with ``workers`` workers: its store (with keeps) and their models; in merger
+        mode one worker at a time (the one updating the merge) holds the merged output."""
+        per_worker = self.worker_bytes(workers) - self.merge_output_bytes
+        return self.store_peak_bytes + workers * per_worker + self.merge_output_bytes
 
     def summary(self, workers: int, workers_per_node: int) -> str:
         """One line for the run's start: the estimate in GiB."""
