@@ -28,7 +28,13 @@ from evoray.tasks.pool import TaskPool, ZooTasks
 from evoray.weights.device_plan import make_segments, place_model, plan_devices, worker_devices
 from evoray.weights.flat import FlatWeights, from_numpy, to_numpy
 from evoray.weights.layout import Layout
-from evoray.weights.placement import Segment, pieces, read_flat, single_segment, write_flat
+from evoray.weights.placement import (
+    Segment,
+    read_flat,
+    single_segment,
+    write_flat,
+    write_range,
+)
 
 
 @dataclass(frozen=True)
@@ -266,8 +272,7 @@ class OffspringWorker:
             u.sub_(parent)
             trial = self.merged[start:stop].to(dev, torch.float32, copy=True)
             self.merger.add_range(trial, t, u, start, stop)
-            for lo, hi, view in pieces(self.segments, start, stop):
-                view.copy_(trial[lo - start : hi - start])
+            write_range(self.segments, start, trial)
         return None if sums is None else sums.pearson
 
     def evaluate_batch(
@@ -347,16 +352,13 @@ class OffspringWorker:
         until this worker's next call. Other workers load as ``load`` does (into host memory,
         not through the device)."""
         from evoray.weights.checkpoint import open_checkpoint
+        from evoray.weights.flat import FlatWeights, flatten
 
         if len(self.segments) > 1 or self.segments[0].device.type != "cpu":
             return self.load(path, allow_pickle)
-        layout = self.spec.layout
+        model = FlatWeights(self.spec.layout, read_flat(self.segments))  # the model's memory
         with open_checkpoint(path, allow_pickle=allow_pickle or self.spec.allow_pickle) as ckpt:
-            layout.check(ckpt)
-            buf = self.segments[0].buffer
-            for s in layout.slots:
-                buf[s.offset : s.offset + s.numel].view(s.shape).copy_(ckpt.get(s.name))
-        return read_flat(self.segments)
+            return flatten(ckpt, self.spec.layout, out=model).data
 
     def statistics(
         self,
@@ -486,9 +488,7 @@ class OffspringWorker:
             n_layers=num_layers(self.model.config.to_dict(), layout.names),
             device=self.device,
         ):
-            flat = merged.reshape(-1)
-            for lo, hi, view in pieces(self.segments, s.offset, s.offset + s.numel):
-                view.copy_(flat[lo - s.offset : hi - s.offset])
+            write_range(self.segments, s.offset, merged.reshape(-1))
 
     def kinship(self, base: np.ndarray, a: np.ndarray, b: np.ndarray) -> dict[str, float]:
         """Kinship (Pearson, cosine, Euclidean) of two vectors' deltas from the base."""

@@ -104,11 +104,14 @@ def _check_all(layout: Layout, sources: Sequence[TensorSource]) -> None:
         layout.check(src)
 
 
-def flatten(ckpt: TensorReader, layout: Layout | None = None) -> FlatWeights:
-    """Copy a checkpoint's floating tensors into one flat vector (in the layout's dtype)."""
+def flatten(
+    ckpt: TensorReader, layout: Layout | None = None, out: FlatWeights | None = None
+) -> FlatWeights:
+    """Copy a checkpoint's floating tensors into one flat vector (in the layout's dtype):
+    ``out`` when given (e.g. a worker's model memory), else a new one."""
     layout = layout or Layout.from_checkpoint(ckpt)
     _check_all(layout, [ckpt])
-    out = FlatWeights.zeros(layout)
+    out = FlatWeights.zeros(layout) if out is None else out
     for s in layout.slots:
         out.tensor(s.name).copy_(ckpt.get(s.name))
     return out

@@ -51,6 +51,13 @@ def pieces(
             yield lo, hi, s.buffer[lo - s.start : hi - s.start]
 
 
+def write_range(segments: Sequence[Segment], start: int, values: torch.Tensor) -> None:
+    """Copy ``values`` (1-D, any device and floating dtype: layout elements ``start`` on) into
+    the segments that hold them."""
+    for lo, hi, view in pieces(segments, start, start + values.numel()):
+        view.copy_(values[lo - start : hi - start])
+
+
 def write_flat(segments: Sequence[Segment], flat: torch.Tensor) -> None:
     """Copy a whole flat vector (any device, any floating dtype) into the segments."""
     for s in segments:
